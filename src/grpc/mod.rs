@@ -1,0 +1,385 @@
+//! The `pgstore.v1.EventStore` gRPC service: validates requests, calls the store, converts
+//! results. Domain errors become `tonic::Status` in one place ([`crate::error`]).
+
+pub mod validate;
+
+use std::{collections::HashMap, pin::Pin};
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::config::Limits;
+use crate::error::Error;
+use crate::proto::{self, event_store_server::EventStore};
+use crate::store::{
+    Payload, RecordedEvent, Store, StreamState, checkpoints, db, lifecycle, read, snapshots,
+};
+
+/// A server-streaming response.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The service.
+#[derive(Clone)]
+pub struct EventStoreService {
+    /// The store all requests go to.
+    store: Store,
+    /// Input limits.
+    limits: Limits,
+}
+
+impl EventStoreService {
+    /// A service over `store`.
+    pub fn new(store: Store, limits: Limits) -> Self {
+        EventStoreService { store, limits }
+    }
+
+    async fn conn(&self) -> Result<db::PooledConn<'_>, Error> {
+        db::get(self.store.pool()).await
+    }
+}
+
+/// A stored event as the API shows it.
+pub fn recorded(e: RecordedEvent) -> proto::RecordedEvent {
+    use proto::recorded_event::Payload as P;
+    let metadata = e
+        .metadata
+        .and_then(|m| serde_json::from_str::<HashMap<String, String>>(&m).ok())
+        .unwrap_or_default();
+    proto::RecordedEvent {
+        stream_id: e.stream_id,
+        version: e.version,
+        global_sequence: e.seq,
+        event_id: e.event_id.to_string(),
+        event_type: e.event_type,
+        payload: Some(match e.payload {
+            Payload::Json(s) => P::Json(s),
+            Payload::Bytes(b) => P::Data(b),
+        }),
+        content_type: e.content_type,
+        metadata,
+        timestamp: Some(e.created_at.into()),
+        recorded_at: Some(e.recorded_at.into()),
+        partition_key: e.partition_key,
+    }
+}
+
+fn state(s: StreamState) -> i32 {
+    (match s {
+        StreamState::Active => proto::StreamState::Active,
+        StreamState::Archived => proto::StreamState::Archived,
+        StreamState::Tombstoned => proto::StreamState::Tombstoned,
+    }) as i32
+}
+
+#[tonic::async_trait]
+impl EventStore for EventStoreService {
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id, events = req.get_ref().events.len()))]
+    async fn append(
+        &self,
+        req: Request<proto::AppendRequest>,
+    ) -> Result<Response<proto::AppendResponse>, Status> {
+        let cmd = validate::append(req.into_inner(), &self.limits)?;
+        let out = self.store.append(cmd).await?;
+        Ok(Response::new(proto::AppendResponse {
+            version: out.version,
+            first_sequence: out.first_sequence,
+            last_sequence: out.last_sequence,
+            duplicate: out.duplicate,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn load(
+        &self,
+        req: Request<proto::LoadRequest>,
+    ) -> Result<Response<proto::LoadResponse>, Status> {
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        validate::position("from_version", r.from_version)?;
+        validate::position("min_sequence", r.min_sequence)?;
+        validate::event_types(&r.event_types, &self.limits)?;
+        let q = read::LoadQuery {
+            stream_id: r.stream_id,
+            from_version: r.from_version,
+            max_count: validate::page_size(r.max_count, &self.limits),
+            event_types: r.event_types,
+            backwards: r.backwards,
+        };
+        let page = read::load(&mut *self.conn().await?, &q).await?;
+        Ok(Response::new(proto::LoadResponse {
+            end_of_stream: page.next_version.is_none(),
+            next_version: page.next_version.unwrap_or(0),
+            stream_version: page.stream_version,
+            state: state(page.state),
+            events: page.events.into_iter().map(recorded).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(from = req.get_ref().from_sequence))]
+    async fn read_from(
+        &self,
+        req: Request<proto::ReadFromRequest>,
+    ) -> Result<Response<proto::ReadFromResponse>, Status> {
+        let r = req.into_inner();
+        validate::position("from_sequence", r.from_sequence)?;
+        validate::position("min_sequence", r.min_sequence)?;
+        validate::event_types(&r.event_types, &self.limits)?;
+        if r.stream_prefix.len() > self.limits.max_stream_id_bytes {
+            return Err(Error::invalid("stream_prefix", "longer than a stream id may be").into());
+        }
+        let q = read::ReadQuery {
+            from_sequence: r.from_sequence,
+            limit: validate::page_size(r.limit, &self.limits),
+            event_types: r.event_types,
+            stream_prefix: r.stream_prefix,
+        };
+        let page = read::read_from(&mut *self.conn().await?, &q).await?;
+        Ok(Response::new(proto::ReadFromResponse {
+            next_sequence: page.next_sequence,
+            head: page.head,
+            events: page.events.into_iter().map(recorded).collect(),
+        }))
+    }
+
+    async fn latest_sequence(
+        &self,
+        req: Request<proto::LatestSequenceRequest>,
+    ) -> Result<Response<proto::LatestSequenceResponse>, Status> {
+        validate::position("min_sequence", req.get_ref().min_sequence)?;
+        let sequence = read::latest_sequence(&mut *self.conn().await?).await?;
+        Ok(Response::new(proto::LatestSequenceResponse { sequence }))
+    }
+
+    type SubscribeStream = ResponseStream<proto::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        _req: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::unimplemented(
+            "Subscribe is not available in this build",
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(consumer_id = %req.get_ref().consumer_id))]
+    async fn save_checkpoint(
+        &self,
+        req: Request<proto::SaveCheckpointRequest>,
+    ) -> Result<Response<proto::SaveCheckpointResponse>, Status> {
+        let r = req.into_inner();
+        validate::name(
+            "consumer_id",
+            &r.consumer_id,
+            self.limits.max_stream_id_bytes,
+        )?;
+        validate::position("sequence", r.sequence)?;
+        checkpoints::save(&mut *self.conn().await?, &r.consumer_id, r.sequence).await?;
+        Ok(Response::new(proto::SaveCheckpointResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(consumer_id = %req.get_ref().consumer_id))]
+    async fn load_checkpoint(
+        &self,
+        req: Request<proto::LoadCheckpointRequest>,
+    ) -> Result<Response<proto::LoadCheckpointResponse>, Status> {
+        let r = req.into_inner();
+        validate::name(
+            "consumer_id",
+            &r.consumer_id,
+            self.limits.max_stream_id_bytes,
+        )?;
+        let found = checkpoints::load(&mut *self.conn().await?, &r.consumer_id).await?;
+        Ok(Response::new(match found {
+            Some((sequence, at)) => proto::LoadCheckpointResponse {
+                sequence,
+                found: true,
+                updated_at: Some(at.into()),
+            },
+            None => proto::LoadCheckpointResponse::default(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn save_snapshot(
+        &self,
+        req: Request<proto::SaveSnapshotRequest>,
+    ) -> Result<Response<proto::SaveSnapshotResponse>, Status> {
+        let s = req
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| Error::invalid("snapshot", "is required"))?;
+        validate::name(
+            "snapshot.stream_id",
+            &s.stream_id,
+            self.limits.max_stream_id_bytes,
+        )?;
+        validate::position("snapshot.stream_version", s.stream_version)?;
+        if s.schema_version > i32::MAX as u32 {
+            return Err(Error::invalid("snapshot.schema_version", "larger than 2^31-1").into());
+        }
+        if s.state.len() > self.limits.max_append_bytes {
+            return Err(Error::TooLarge {
+                what: "snapshot state".into(),
+                limit: self.limits.max_append_bytes,
+                actual: s.state.len(),
+            }
+            .into());
+        }
+        let content_type = if s.content_type.is_empty() {
+            validate::DEFAULT_CONTENT_TYPE.to_owned()
+        } else {
+            s.content_type
+        };
+        if content_type.len() > validate::MAX_CONTENT_TYPE_BYTES {
+            return Err(Error::invalid("snapshot.content_type", "too long").into());
+        }
+        let snap = snapshots::Snapshot {
+            stream_id: s.stream_id,
+            stream_version: s.stream_version,
+            schema_version: s.schema_version,
+            content_type,
+            state: s.state,
+            created_at: std::time::SystemTime::now(),
+        };
+        snapshots::save(&mut *self.conn().await?, &snap).await?;
+        Ok(Response::new(proto::SaveSnapshotResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn load_snapshot(
+        &self,
+        req: Request<proto::LoadSnapshotRequest>,
+    ) -> Result<Response<proto::LoadSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        validate::position("min_sequence", r.min_sequence)?;
+        let snap = snapshots::load(&mut *self.conn().await?, &r.stream_id).await?;
+        Ok(Response::new(proto::LoadSnapshotResponse {
+            snapshot: snap.map(|s| proto::Snapshot {
+                stream_id: s.stream_id,
+                stream_version: s.stream_version,
+                schema_version: s.schema_version,
+                content_type: s.content_type,
+                state: s.state,
+                created_at: Some(s.created_at.into()),
+            }),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn invalidate_snapshot(
+        &self,
+        req: Request<proto::InvalidateSnapshotRequest>,
+    ) -> Result<Response<proto::InvalidateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let target = match (r.all, r.stream_id.is_empty()) {
+            (true, true) => None,
+            (true, false) => {
+                return Err(Error::invalid("stream_id", "must be empty when `all` is set").into());
+            }
+            (false, _) => {
+                validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+                Some(r.stream_id.as_str())
+            }
+        };
+        let deleted = snapshots::invalidate(&mut *self.conn().await?, target).await?;
+        Ok(Response::new(proto::InvalidateSnapshotResponse { deleted }))
+    }
+
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn get_stream(
+        &self,
+        req: Request<proto::GetStreamRequest>,
+    ) -> Result<Response<proto::GetStreamResponse>, Status> {
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        validate::position("min_sequence", r.min_sequence)?;
+        let info = lifecycle::get(&mut *self.conn().await?, &r.stream_id).await?;
+        Ok(Response::new(proto::GetStreamResponse {
+            stream_id: info.stream_id,
+            version: info.version,
+            state: state(info.state),
+            tombstone_reason: info.tombstone_reason.unwrap_or_default(),
+            created_at: Some(info.created_at.into()),
+            updated_at: Some(info.updated_at.into()),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn tombstone_stream(
+        &self,
+        req: Request<proto::TombstoneStreamRequest>,
+    ) -> Result<Response<proto::TombstoneStreamResponse>, Status> {
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        if r.reason.len() > self.limits.max_metadata_bytes || r.reason.contains('\0') {
+            return Err(Error::invalid("reason", "too long or contains NUL").into());
+        }
+        lifecycle::tombstone(&mut *self.conn().await?, &r.stream_id, &r.reason).await?;
+        Ok(Response::new(proto::TombstoneStreamResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn archive_stream(
+        &self,
+        req: Request<proto::ArchiveStreamRequest>,
+    ) -> Result<Response<proto::ArchiveStreamResponse>, Status> {
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        lifecycle::archive(&mut *self.conn().await?, &r.stream_id).await?;
+        Ok(Response::new(proto::ArchiveStreamResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn restore_stream(
+        &self,
+        req: Request<proto::RestoreStreamRequest>,
+    ) -> Result<Response<proto::RestoreStreamResponse>, Status> {
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        lifecycle::restore(&mut *self.conn().await?, &r.stream_id).await?;
+        Ok(Response::new(proto::RestoreStreamResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn delete_stream(
+        &self,
+        req: Request<proto::DeleteStreamRequest>,
+    ) -> Result<Response<proto::DeleteStreamResponse>, Status> {
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        let deleted_events = lifecycle::delete(&mut *self.conn().await?, &r.stream_id).await?;
+        Ok(Response::new(proto::DeleteStreamResponse {
+            deleted_events,
+        }))
+    }
+
+    async fn publish_change(
+        &self,
+        _req: Request<proto::PublishChangeRequest>,
+    ) -> Result<Response<proto::PublishChangeResponse>, Status> {
+        Err(Status::unimplemented(
+            "PublishChange is not available in this build",
+        ))
+    }
+
+    type WatchChangesStream = ResponseStream<proto::WatchChangesResponse>;
+
+    async fn watch_changes(
+        &self,
+        _req: Request<proto::WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        Err(Status::unimplemented(
+            "WatchChanges is not available in this build",
+        ))
+    }
+
+    type LockStream = ResponseStream<proto::LockResponse>;
+
+    async fn lock(
+        &self,
+        _req: Request<proto::LockRequest>,
+    ) -> Result<Response<Self::LockStream>, Status> {
+        Err(Status::unimplemented("Lock is not available in this build"))
+    }
+}

@@ -1,0 +1,326 @@
+//! Request validation: every field checked once at the edge, turned into domain values.
+//! Violations are INVALID_ARGUMENT (malformed) or RESOURCE_EXHAUSTED (over a limit).
+
+use std::{collections::HashSet, time::SystemTime};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::proto;
+use crate::store::{AppendCommand, ExpectedVersion, NewEvent, Payload, is_json_content_type};
+
+/// The content type used when an event names none.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
+/// Longest content type, in bytes.
+pub const MAX_CONTENT_TYPE_BYTES: usize = 128;
+/// Earliest and latest timestamps accepted (years 0001 to 9999, as google.protobuf.Timestamp).
+const MIN_TIMESTAMP_SECS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECS: i64 = 253_402_300_799;
+
+/// A name-like field (stream id, consumer id, idempotency key, event type): 1 to `max` bytes of
+/// UTF-8 without control characters.
+pub fn name(field: &str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes, longer than the limit of {max}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A version or sequence: PostgreSQL stores them as bigint.
+pub fn position(field: &str, value: u64) -> Result<()> {
+    if value > i64::MAX as u64 {
+        return Err(Error::invalid(
+            field,
+            format!("{value} is larger than the largest position {}", i64::MAX),
+        ));
+    }
+    Ok(())
+}
+
+/// A page size: 0 means the default, larger than the maximum is capped.
+pub fn page_size(requested: u32, limits: &Limits) -> u32 {
+    match requested {
+        0 => limits.default_page_size,
+        n => n.min(limits.max_page_size),
+    }
+}
+
+/// An event type filter.
+pub fn event_types(types: &[String], limits: &Limits) -> Result<()> {
+    for t in types {
+        name("event_types", t, limits.max_event_type_bytes)?;
+    }
+    Ok(())
+}
+
+/// JSON text that PostgreSQL's jsonb will accept.
+pub fn json(field: &str, text: &str) -> Result<()> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|e| Error::invalid(field, format!("not valid JSON: {e}")))?;
+    // jsonb cannot hold U+0000; only an escape can put one in valid JSON text.
+    if text.contains("\\u0000") {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::invalid(field, format!("not valid JSON: {e}")))?;
+        if contains_nul(&value) {
+            return Err(Error::invalid(
+                field,
+                "JSON strings must not contain \\u0000 (PostgreSQL jsonb cannot store it)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn contains_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(contains_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+/// A timestamp within the range every client and PostgreSQL agree on.
+pub fn timestamp(field: &str, ts: &prost_types::Timestamp) -> Result<SystemTime> {
+    if !(MIN_TIMESTAMP_SECS..=MAX_TIMESTAMP_SECS).contains(&ts.seconds)
+        || !(0..1_000_000_000).contains(&ts.nanos)
+    {
+        return Err(Error::invalid(
+            field,
+            "must be between 0001-01-01 and 9999-12-31 with nanos in 0..1e9",
+        ));
+    }
+    SystemTime::try_from(*ts).map_err(|e| Error::invalid(field, e.to_string()))
+}
+
+/// An AppendRequest, validated into a command.
+pub fn append(req: proto::AppendRequest, limits: &Limits) -> Result<AppendCommand> {
+    use proto::append_request::ExpectedVersion as Ev;
+    name("stream_id", &req.stream_id, limits.max_stream_id_bytes)?;
+    let expected = match req.expected_version {
+        None => ExpectedVersion::Any,
+        Some(Ev::Any(true)) => ExpectedVersion::Any,
+        Some(Ev::NoStream(true)) => ExpectedVersion::NoStream,
+        Some(Ev::StreamExists(true)) => ExpectedVersion::StreamExists,
+        Some(Ev::Exact(v)) => {
+            position("expected_version.exact", v)?;
+            ExpectedVersion::Exact(v)
+        }
+        Some(Ev::Any(false) | Ev::NoStream(false) | Ev::StreamExists(false)) => {
+            return Err(Error::invalid(
+                "expected_version",
+                "any, no_stream and stream_exists must be true when set",
+            ));
+        }
+    };
+    if req.events.is_empty() {
+        return Err(Error::invalid("events", "at least one event is required"));
+    }
+    if req.events.len() > limits.max_events_per_append {
+        return Err(Error::TooLarge {
+            what: "events per append (count)".into(),
+            limit: limits.max_events_per_append,
+            actual: req.events.len(),
+        });
+    }
+    let idempotency_key = if req.idempotency_key.is_empty() {
+        None
+    } else {
+        name(
+            "idempotency_key",
+            &req.idempotency_key,
+            limits.max_stream_id_bytes,
+        )?;
+        Some(req.idempotency_key)
+    };
+    let mut events = Vec::with_capacity(req.events.len());
+    let mut client_ids = 0usize;
+    let mut seen = HashSet::new();
+    let mut total = 0usize;
+    for (i, e) in req.events.into_iter().enumerate() {
+        let ev = event(i, e, limits)?;
+        if ev.1 {
+            client_ids += 1;
+            if !seen.insert(ev.0.event_id) {
+                return Err(Error::invalid(
+                    format!("events[{i}].event_id"),
+                    format!("{} appears twice in this append", ev.0.event_id),
+                ));
+            }
+        }
+        total += ev.0.payload.len() + ev.0.metadata.as_ref().map_or(0, String::len);
+        events.push(ev.0);
+    }
+    if total > limits.max_append_bytes {
+        return Err(Error::TooLarge {
+            what: "append (payloads and metadata)".into(),
+            limit: limits.max_append_bytes,
+            actual: total,
+        });
+    }
+    if client_ids != 0 && client_ids != events.len() {
+        return Err(Error::invalid(
+            "events.event_id",
+            "give an event id for every event of an append, or for none",
+        ));
+    }
+    Ok(AppendCommand {
+        stream_id: req.stream_id,
+        expected,
+        events,
+        client_event_ids: client_ids != 0,
+        idempotency_key,
+    })
+}
+
+/// One event; the flag says whether the client chose its id.
+fn event(i: usize, e: proto::EventData, limits: &Limits) -> Result<(NewEvent, bool)> {
+    use proto::event_data::Payload as P;
+    let field = |f: &str| format!("events[{i}].{f}");
+    let (event_id, client_id) = if e.event_id.is_empty() {
+        (Uuid::now_v7(), false)
+    } else {
+        let id = Uuid::parse_str(&e.event_id)
+            .map_err(|err| Error::invalid(field("event_id"), format!("not a UUID: {err}")))?;
+        if id.is_nil() {
+            return Err(Error::invalid(
+                field("event_id"),
+                "must not be the nil UUID",
+            ));
+        }
+        (id, true)
+    };
+    name(
+        &field("event_type"),
+        &e.event_type,
+        limits.max_event_type_bytes,
+    )?;
+    let content_type = if e.content_type.is_empty() {
+        DEFAULT_CONTENT_TYPE.to_owned()
+    } else {
+        let ct = &e.content_type;
+        if ct.len() > MAX_CONTENT_TYPE_BYTES
+            || !ct.contains('/')
+            || !ct.bytes().all(|b| (0x20..0x7f).contains(&b))
+        {
+            return Err(Error::invalid(
+                field("content_type"),
+                format!(
+                    "must be a media type like application/json (printable ASCII, at most {MAX_CONTENT_TYPE_BYTES} bytes)"
+                ),
+            ));
+        }
+        ct.clone()
+    };
+    let size = match &e.payload {
+        Some(P::Json(s)) => s.len(),
+        Some(P::Data(b)) => b.len(),
+        None => 0,
+    };
+    if size > limits.max_event_bytes {
+        return Err(Error::TooLarge {
+            what: format!("events[{i}] payload"),
+            limit: limits.max_event_bytes,
+            actual: size,
+        });
+    }
+    let payload = if is_json_content_type(&content_type) {
+        let text = match e.payload {
+            Some(P::Json(s)) => s,
+            Some(P::Data(b)) => String::from_utf8(b.to_vec())
+                .map_err(|_| Error::invalid(field("data"), "JSON content must be UTF-8 text"))?,
+            None => {
+                return Err(Error::invalid(
+                    field("json"),
+                    "a JSON content type needs a JSON payload",
+                ));
+            }
+        };
+        json(&field("json"), &text)?;
+        Payload::Json(text)
+    } else {
+        Payload::Bytes(match e.payload {
+            Some(P::Json(s)) => Bytes::from(s),
+            Some(P::Data(b)) => b,
+            None => Bytes::new(),
+        })
+    };
+    let metadata = if e.metadata.is_empty() {
+        None
+    } else {
+        if e.metadata
+            .iter()
+            .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+        {
+            return Err(Error::invalid(
+                field("metadata"),
+                "must not contain NUL characters",
+            ));
+        }
+        let text = serde_json::to_string(&e.metadata)
+            .map_err(|err| Error::Internal(format!("metadata encoding: {err}")))?;
+        if text.len() > limits.max_metadata_bytes {
+            return Err(Error::TooLarge {
+                what: format!("events[{i}] metadata"),
+                limit: limits.max_metadata_bytes,
+                actual: text.len(),
+            });
+        }
+        Some(text)
+    };
+    let timestamp = e
+        .timestamp
+        .as_ref()
+        .map(|ts| timestamp(&field("timestamp"), ts))
+        .transpose()?;
+    Ok((
+        NewEvent {
+            event_id,
+            event_type: e.event_type,
+            content_type,
+            payload,
+            metadata,
+            timestamp,
+        },
+        client_id,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_validation_matches_jsonb() {
+        assert!(json("f", r#"{"a":[1,2,{"b":null}]}"#).is_ok());
+        assert!(json("f", "42").is_ok());
+        assert!(
+            json("f", r#"{"a":"\\u0000"}"#).is_ok(),
+            "an escaped backslash is fine"
+        );
+        assert!(json("f", r#"{"a":"\u0000"}"#).is_err());
+        assert!(json("f", r#"{"a":1"#).is_err());
+        assert!(json("f", "").is_err());
+        assert!(json("f", "{} {}").is_err());
+        assert!(json("f", r#""\ud800""#).is_err(), "lone surrogate");
+    }
+
+    #[test]
+    fn names() {
+        assert!(name("s", "order-1", 10).is_ok());
+        assert!(name("s", "", 10).is_err());
+        assert!(name("s", "01234567890", 10).is_err());
+        assert!(name("s", "a\nb", 10).is_err());
+    }
+}

@@ -1,0 +1,29 @@
+//! pgstore: a gRPC event store server in front of PostgreSQL.
+//!
+//! # Layout
+//! - [`config`]: layered configuration (defaults < TOML file < `PGSTORE_*` env < flags), validated.
+//! - [`server`]: wiring of the gRPC services, health, reflection and graceful shutdown.
+//! - [`grpc`]: the `pgstore.v1.EventStore` service: request validation, proto <-> domain, status codes.
+//! - [`store`]: everything that talks to PostgreSQL: migrations, the group-commit writer, reads,
+//!   stream lifecycle, snapshots and checkpoints.
+//! - [`embedded`]: a local PostgreSQL cluster managed by pgstore when no database URL is given.
+//! - [`error`]: the domain error type and its one mapping to gRPC status codes.
+
+pub mod config;
+pub mod embedded;
+pub mod error;
+pub mod grpc;
+pub mod server;
+pub mod store;
+
+/// Code generated from `proto/pgstore/v1/*.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("pgstore.v1");
+
+    /// The encoded descriptor set of the API, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/pgstore_descriptor.bin"));
+}
+
+pub use error::{Error, Result};

@@ -1,0 +1,121 @@
+//! The `pgstore` command: `serve` and `migrate`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use pgstore::config::{Config, Overrides, parse_database_url};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "pgstore", version, about = "A gRPC event store on PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:50051].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// The primary's connection string (postgres://user@host:port/db or key=value). Without
+        /// it, pgstore runs a local PostgreSQL cluster in --data-dir.
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+        /// A read replica's connection string (repeatable).
+        #[arg(long = "replica-url", value_name = "URL")]
+        replica_urls: Vec<String>,
+        /// Directory of the embedded PostgreSQL cluster [default: ./pgstore-data].
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address of the Prometheus /metrics endpoint.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate {
+        /// The primary's connection string.
+        #[arg(long, env = "PGSTORE_DATABASE_URL", value_name = "URL")]
+        database_url: String,
+    },
+}
+
+fn init_tracing(format: &str, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgstore: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), pgstore::Error> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            database_url,
+            replica_urls,
+            data_dir,
+            metrics_listen,
+        } => {
+            let overrides = Overrides {
+                listen,
+                database_url,
+                replica_urls,
+                data_dir,
+                metrics_listen,
+            };
+            let config = Config::load(config.as_deref(), overrides)?;
+            init_tracing(&config.log.format, &config.log.level);
+            let addr = config.listen_addr()?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                pgstore::Error::invalid("listen", format!("cannot bind {addr}: {e}"))
+            })?;
+            pgstore::server::run(listener, config, shutdown_signal()).await
+        }
+        Command::Migrate { database_url } => {
+            init_tracing("human", "info");
+            let config = parse_database_url(&database_url)
+                .map_err(|e| pgstore::Error::invalid("database_url", e))?;
+            let mut conn = pgstore::store::db::connect(&config)
+                .await
+                .map_err(pgstore::store::db::db_err)?;
+            let applied = pgstore::store::migrate::migrate(&mut conn.client).await?;
+            println!("applied {applied} migration(s)");
+            Ok(())
+        }
+    }
+}

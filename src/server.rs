@@ -1,0 +1,206 @@
+//! Wiring: the database (given or embedded), the store, the gRPC services (event store, health,
+//! reflection) and graceful shutdown.
+
+use std::{future::Future, time::Duration};
+
+use http::{HeaderValue, Response};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::ServingStatus;
+
+use crate::config::{Config, parse_database_url};
+use crate::embedded::Embedded;
+use crate::error::{Error, Result};
+use crate::grpc::EventStoreService;
+use crate::proto::{self, event_store_server::EventStoreServer};
+use crate::store::{Store, StoreConfig};
+
+/// The service name health reports for the event store.
+pub const SERVICE_NAME: &str = "pgstore.v1.EventStore";
+
+/// Serves pgstore on `listener` until `shutdown` completes, then stops accepting calls, lets
+/// in-flight calls finish (for at most the configured grace period), commits the appends already
+/// queued, and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let embedded = match &config.database_url {
+        Some(_) => None,
+        None => {
+            let dir = config.data_dir.clone();
+            Some(
+                tokio::task::spawn_blocking(move || Embedded::start(&dir))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??,
+            )
+        }
+    };
+    let result = serve(listener, &config, embedded.as_ref(), shutdown).await;
+    if let Some(e) = embedded {
+        tokio::task::spawn_blocking(move || e.stop()).await.ok();
+    }
+    result
+}
+
+async fn serve(
+    listener: TcpListener,
+    config: &Config,
+    embedded: Option<&Embedded>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let mut primary = match (&config.database_url, embedded) {
+        (Some(url), _) => parse_database_url(url).map_err(|e| Error::invalid("database_url", e))?,
+        (None, Some(e)) => e.cluster.config("postgres"),
+        (None, None) => return Err(Error::Internal("no database".into())),
+    };
+    primary.connect_timeout(config.database.connect_timeout);
+
+    let writer_stop = CancellationToken::new();
+    let store_config = StoreConfig {
+        primary,
+        pool_size: config.database.pool_size,
+        pool_wait: config.database.connect_timeout,
+        events_channel: config.database.events_channel.clone(),
+        writer: config.writer_config(),
+    };
+    tokio::pin!(shutdown);
+    let (store, writer) = tokio::select! {
+        r = open_store(store_config, writer_stop.clone()) => r?,
+        _ = &mut shutdown => return Ok(()),
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_serving::<EventStoreServer<EventStoreService>>()
+        .await;
+    let stop_background = CancellationToken::new();
+    let health_task = tokio::spawn(watch_health(
+        store.clone(),
+        health.clone(),
+        config.server.health_interval,
+        stop_background.clone(),
+    ));
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let max_message = config.limits.max_append_bytes.saturating_mul(2);
+    let service =
+        EventStoreServer::new(EventStoreService::new(store.clone(), config.limits.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(usize::MAX);
+
+    let local = listener.local_addr().ok();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stop_serving = CancellationToken::new();
+    let server = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_resource_exhausted,
+        ))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
+    tracing::info!(listen = ?local, "pgstore serving");
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => r,
+        _ = &mut shutdown => {
+            tracing::info!("shutting down: finishing in-flight calls");
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health.set_not_serving::<EventStoreServer<EventStoreService>>().await;
+            stop_serving.cancel();
+            match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("grace period over: cutting off remaining calls");
+                    Ok(())
+                }
+            }
+        }
+    };
+    stop_background.cancel();
+    writer_stop.cancel();
+    let _ = writer.await;
+    let _ = health_task.await;
+    tracing::info!("pgstore stopped");
+    served.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// Opens the store, waiting for the database to come up (a sidecar often starts first).
+async fn open_store(
+    config: StoreConfig,
+    writer_stop: CancellationToken,
+) -> Result<(Store, tokio::task::JoinHandle<()>)> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Store::open(config.clone(), writer_stop.clone()).await {
+            Err(Error::Unavailable(why)) => {
+                tracing::warn!(error = %why, retry_in = ?delay, "database not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Probes the primary and reports SERVING / NOT_SERVING.
+async fn watch_health(
+    store: Store,
+    health: tonic_health::server::HealthReporter,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let ok = tokio::time::timeout(every.max(Duration::from_secs(1)), store.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok != serving {
+            serving = ok;
+            let status = if ok {
+                tracing::info!("primary reachable again: SERVING");
+                ServingStatus::Serving
+            } else {
+                tracing::warn!("primary unreachable: NOT_SERVING");
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health.set_service_status(SERVICE_NAME, status).await;
+        }
+    }
+}
+
+/// tonic answers a request larger than the decoding limit with OUT_OF_RANGE; gRPC's convention
+/// (and pgstore's documented contract) is RESOURCE_EXHAUSTED.
+fn too_large_is_resource_exhausted<B>(mut resp: Response<B>) -> Response<B> {
+    let headers = resp.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers.get("grpc-message").is_some_and(|m| {
+            let m = String::from_utf8_lossy(m.as_bytes());
+            m.contains("length%20too%20large") || m.contains("length too large")
+        });
+    if too_large {
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+    }
+    resp
+}

@@ -1,0 +1,190 @@
+//! PostgreSQL connections: the pool manager, per-connection statement cache, and the mapping of
+//! driver errors to domain errors.
+
+use std::{collections::HashMap, time::Duration};
+
+use bytes::{BufMut, BytesMut};
+use postgres_types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Client, NoTls, Statement, error::SqlState};
+
+use crate::error::Error;
+
+/// A pool of primary (or replica) connections.
+pub type Pool = bb8::Pool<Manager>;
+
+/// A pooled connection.
+pub type PooledConn<'a> = bb8::PooledConnection<'a, Manager>;
+
+/// A connection with its own cache of prepared statements, so hot queries are parsed and planned
+/// once per connection and then cost one round trip each.
+pub struct PgConn {
+    /// The driver's client.
+    pub client: Client,
+    /// Statements prepared on this connection, by their SQL text.
+    cache: HashMap<&'static str, Statement>,
+}
+
+impl PgConn {
+    /// The prepared statement for `sql`, preparing it on first use.
+    pub async fn stmt(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.cache.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.cache.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+/// Opens a connection and drives it on its own task.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<PgConn, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection ended");
+        }
+    });
+    Ok(PgConn {
+        client,
+        cache: HashMap::new(),
+    })
+}
+
+/// The bb8 manager for [`PgConn`].
+pub struct Manager {
+    config: tokio_postgres::Config,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
+        connect(&self.config).await
+    }
+
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
+        conn.client.simple_query("").await.map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.is_closed()
+    }
+}
+
+/// Builds a pool. Connection failures surface at once (no retry loop) so requests fail fast with
+/// UNAVAILABLE while the database is down; `wait` bounds how long a request waits for a busy pool.
+pub fn pool(config: tokio_postgres::Config, size: u32, wait: Duration) -> Pool {
+    bb8::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(0))
+        .test_on_check_out(false)
+        .retry_connection(false)
+        .connection_timeout(wait)
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .build_unchecked(Manager { config })
+}
+
+/// A live connection from the pool: connections that died while idle (database restart) are
+/// discarded instead of being handed out.
+pub async fn get(pool: &Pool) -> Result<PooledConn<'_>, Error> {
+    for _ in 0..=pool.state().connections {
+        let conn = pool.get().await.map_err(run_err)?;
+        if !conn.is_closed() {
+            return Ok(conn);
+        }
+        // Dropping a broken connection removes it from the pool (has_broken).
+    }
+    Err(Error::Unavailable("no live database connection".into()))
+}
+
+fn run_err(e: bb8::RunError<tokio_postgres::Error>) -> Error {
+    match e {
+        bb8::RunError::User(e) => db_err(e),
+        bb8::RunError::TimedOut => {
+            Error::Unavailable("timed out waiting for a database connection".into())
+        }
+    }
+}
+
+/// Whether the error means the connection or the server went away (as opposed to a statement
+/// error on a healthy connection).
+pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        }
+        // No SQLSTATE: an I/O, protocol or connect error.
+        None => true,
+    }
+}
+
+/// Maps a driver error to the domain.
+pub fn db_err(e: tokio_postgres::Error) -> Error {
+    if is_connection_error(&e) {
+        Error::Unavailable(e.to_string())
+    } else if let Some(db) = e.as_db_error() {
+        Error::Internal(format!("{} ({})", db.message(), db.code().code()))
+    } else {
+        Error::Internal(e.to_string())
+    }
+}
+
+/// JSON text sent to and read from `json`/`jsonb` columns without a round trip through a parsed
+/// value: the server parses it once.
+#[derive(Debug, Clone)]
+pub struct JsonText(pub String);
+
+impl ToSql for JsonText {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.put_u8(1);
+        }
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+
+    to_sql_checked!();
+}
+
+impl<'a> FromSql<'a> for JsonText {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let raw = if *ty == Type::JSONB {
+            match raw.split_first() {
+                Some((1, rest)) => rest,
+                _ => return Err("unsupported jsonb format version".into()),
+            }
+        } else {
+            raw
+        };
+        Ok(JsonText(std::str::from_utf8(raw)?.to_owned()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+}

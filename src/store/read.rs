@@ -1,0 +1,217 @@
+//! Reads: one stream (Load), the global log (ReadFrom) and its head.
+//!
+//! Each read is ONE statement, so the stream's version (or the log head) and the events come from
+//! the same snapshot. Because appends commit in sequence order under the global lock, every
+//! snapshot sees a prefix of the log: reading up to the head it reports never skips an event that
+//! commits later.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{Payload, RecordedEvent, StreamState, db::JsonText, db::PgConn, db::db_err};
+use crate::error::{Error, Result};
+
+/// The event columns, in the order [`event_from_row`] expects them.
+macro_rules! event_columns {
+    () => {
+        "e.seq, e.stream_id, e.version, e.event_id, e.event_type, e.content_type, e.data, \
+         e.data_bytes, e.metadata, e.created_at, e.recorded_at, e.partition_key"
+    };
+}
+
+const LOAD_FORWARDS: &str = concat!(
+    "WITH s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1) \
+     SELECT s.version, s.state, ",
+    event_columns!(),
+    " FROM s LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
+        WHERE e.stream_id = $1 AND e.version >= $2 AND e.version <= s.version \
+          AND (cardinality($3::text[]) = 0 OR e.event_type = ANY($3)) \
+        ORDER BY e.version LIMIT $4) e ON true \
+     ORDER BY e.version"
+);
+
+const LOAD_BACKWARDS: &str = concat!(
+    "WITH s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1) \
+     SELECT s.version, s.state, ",
+    event_columns!(),
+    " FROM s LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
+        WHERE e.stream_id = $1 AND e.version <= $2 AND e.version <= s.version \
+          AND (cardinality($3::text[]) = 0 OR e.event_type = ANY($3)) \
+        ORDER BY e.version DESC LIMIT $4) e ON true \
+     ORDER BY e.version DESC"
+);
+
+const READ_FROM: &str = concat!(
+    "WITH h AS (SELECT seq FROM pgstore.head) \
+     SELECT h.seq, ",
+    event_columns!(),
+    " FROM h LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
+        WHERE e.seq >= $1 AND e.seq <= h.seq \
+          AND (cardinality($2::text[]) = 0 OR e.event_type = ANY($2)) \
+          AND ($3 = '' OR starts_with(e.stream_id, $3)) \
+        ORDER BY e.seq LIMIT $4) e ON true \
+     ORDER BY e.seq"
+);
+
+const HEAD: &str = "SELECT seq FROM pgstore.head";
+
+/// A Load request, validated.
+#[derive(Debug, Clone)]
+pub struct LoadQuery {
+    /// The stream.
+    pub stream_id: String,
+    /// First version (inclusive); 0 = start (forwards) or end (backwards).
+    pub from_version: u64,
+    /// Page size.
+    pub max_count: u32,
+    /// Event type filter (empty = all).
+    pub event_types: Vec<String>,
+    /// Newest first.
+    pub backwards: bool,
+}
+
+/// A page of one stream.
+#[derive(Debug)]
+pub struct StreamPage {
+    /// The events.
+    pub events: Vec<RecordedEvent>,
+    /// The stream's version in the snapshot read.
+    pub stream_version: u64,
+    /// The stream's state.
+    pub state: StreamState,
+    /// The version to continue from, if anything is left.
+    pub next_version: Option<u64>,
+}
+
+/// A ReadFrom request, validated.
+#[derive(Debug, Clone)]
+pub struct ReadQuery {
+    /// First sequence (inclusive).
+    pub from_sequence: u64,
+    /// Page size.
+    pub limit: u32,
+    /// Event type filter (empty = all).
+    pub event_types: Vec<String>,
+    /// Stream id prefix filter (empty = all).
+    pub stream_prefix: String,
+}
+
+/// A page of the global log.
+#[derive(Debug)]
+pub struct LogPage {
+    /// The events, in sequence order.
+    pub events: Vec<RecordedEvent>,
+    /// Where the next page starts.
+    pub next_sequence: u64,
+    /// The head in the snapshot read.
+    pub head: u64,
+}
+
+/// Reads one stream. `NotFound` when the stream does not exist.
+pub async fn load(conn: &mut PgConn, q: &LoadQuery) -> Result<StreamPage> {
+    let (sql, from) = if q.backwards {
+        let from = if q.from_version == 0 {
+            i64::MAX
+        } else {
+            q.from_version as i64
+        };
+        (LOAD_BACKWARDS, from)
+    } else {
+        (LOAD_FORWARDS, q.from_version as i64)
+    };
+    let stmt = conn.stmt(sql).await.map_err(db_err)?;
+    // One extra row tells whether the stream goes on.
+    let fetch = i64::from(q.max_count) + 1;
+    let rows = conn
+        .client
+        .query(&stmt, &[&q.stream_id, &from, &q.event_types, &fetch])
+        .await
+        .map_err(db_err)?;
+    let Some(first) = rows.first() else {
+        return Err(Error::StreamNotFound {
+            stream_id: q.stream_id.clone(),
+        });
+    };
+    let stream_version = first.get::<_, i64>(0) as u64;
+    let state = StreamState::from_code(first.get(1))?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.get::<_, Option<i64>>(2).is_some() {
+            events.push(event_from_row(row, 2)?);
+        }
+    }
+    let next_version = if events.len() > q.max_count as usize {
+        events.pop().map(|e| e.version)
+    } else {
+        None
+    };
+    Ok(StreamPage {
+        events,
+        stream_version,
+        state,
+        next_version,
+    })
+}
+
+/// Reads a page of the global log.
+pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
+    let stmt = conn.stmt(READ_FROM).await.map_err(db_err)?;
+    let from = q.from_sequence.max(1) as i64;
+    let limit = i64::from(q.limit);
+    let rows = conn
+        .client
+        .query(&stmt, &[&from, &q.event_types, &q.stream_prefix, &limit])
+        .await
+        .map_err(db_err)?;
+    let head = rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64);
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.get::<_, Option<i64>>(1).is_some() {
+            events.push(event_from_row(row, 1)?);
+        }
+    }
+    let next_sequence = match events.last() {
+        Some(last) if events.len() >= q.limit as usize => last.seq + 1,
+        // Fewer than asked: everything up to the head was scanned.
+        _ => (head + 1).max(from as u64),
+    };
+    Ok(LogPage {
+        events,
+        next_sequence,
+        head,
+    })
+}
+
+/// The highest committed global sequence.
+pub async fn latest_sequence(conn: &mut PgConn) -> Result<u64> {
+    let stmt = conn.stmt(HEAD).await.map_err(db_err)?;
+    let row = conn.client.query_one(&stmt, &[]).await.map_err(db_err)?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// Decodes the event columns starting at `at`.
+pub fn event_from_row(row: &Row, at: usize) -> Result<RecordedEvent> {
+    let data: Option<JsonText> = row.get(at + 6);
+    let data_bytes: Option<Vec<u8>> = row.get(at + 7);
+    let payload = match (data, data_bytes) {
+        (Some(j), _) => Payload::Json(j.0),
+        (None, Some(b)) => Payload::Bytes(Bytes::from(b)),
+        (None, None) => return Err(Error::Internal("event without payload".into())),
+    };
+    Ok(RecordedEvent {
+        seq: row.get::<_, i64>(at) as u64,
+        stream_id: row.get(at + 1),
+        version: row.get::<_, i64>(at + 2) as u64,
+        event_id: row.get::<_, Uuid>(at + 3),
+        event_type: row.get(at + 4),
+        content_type: row.get(at + 5),
+        payload,
+        metadata: row.get::<_, Option<JsonText>>(at + 8).map(|j| j.0),
+        created_at: row.get::<_, SystemTime>(at + 9),
+        recorded_at: row.get::<_, SystemTime>(at + 10),
+        partition_key: row.get::<_, i64>(at + 11) as u32,
+    })
+}

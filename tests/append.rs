@@ -1,0 +1,353 @@
+//! Append: expected versions, idempotent retries, payloads, metadata, timestamps.
+
+mod common;
+
+use common::*;
+use pgstore::proto::{self, append_request::ExpectedVersion as Ev};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+#[tokio::test]
+async fn appends_get_dense_versions_and_global_sequences() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    let a = c
+        .append(append(
+            "order-1",
+            Some(Ev::NoStream(true)),
+            vec![
+                json_event("Placed", r#"{"n":1}"#),
+                json_event("Paid", r#"{"n":2}"#),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((a.version, a.first_sequence, a.last_sequence), (2, 1, 2));
+    assert!(!a.duplicate);
+    let b = c
+        .append(append("order-2", None, vec![json_event("Placed", "{}")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((b.version, b.first_sequence, b.last_sequence), (1, 3, 3));
+    let d = c
+        .append(append(
+            "order-1",
+            exact(2),
+            vec![json_event("Shipped", "{}")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((d.version, d.first_sequence, d.last_sequence), (3, 4, 4));
+    let all = read_all(&mut c).await;
+    let seqs: Vec<u64> = all.iter().map(|e| e.global_sequence).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    let head = c
+        .latest_sequence(proto::LatestSequenceRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(head.sequence, 4);
+}
+
+#[tokio::test]
+async fn each_expected_version_mode_is_enforced() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    let s = "acct-1";
+    // stream_exists on a missing stream fails with actual version 0.
+    let err = c
+        .append(append(
+            s,
+            Some(Ev::StreamExists(true)),
+            vec![json_event("E", "{}")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    let info = err.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "WRONG_EXPECTED_VERSION");
+    assert_eq!(info.metadata["actual_version"], "0");
+    assert_eq!(info.metadata["expected_version"], "stream_exists");
+
+    // exact 0 == no stream.
+    c.append(append(s, exact(0), vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    // no_stream now fails.
+    let err = c
+        .append(append(
+            s,
+            Some(Ev::NoStream(true)),
+            vec![json_event("E", "{}")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert_eq!(
+        err.get_details_error_info().unwrap().metadata["actual_version"],
+        "1"
+    );
+    // stale exact fails, with the actual version in the details.
+    let err = c
+        .append(append(s, exact(0), vec![json_event("E", "{}")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert_eq!(
+        err.get_details_error_info().unwrap().metadata["actual_version"],
+        "1"
+    );
+    // a version from the future fails too.
+    let err = c
+        .append(append(s, exact(5), vec![json_event("E", "{}")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    // stream_exists and any succeed.
+    c.append(append(
+        s,
+        Some(Ev::StreamExists(true)),
+        vec![json_event("E", "{}")],
+    ))
+    .await
+    .unwrap();
+    let r = c
+        .append(append(s, Some(Ev::Any(true)), vec![json_event("E", "{}")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.version, 3);
+    // Failed appends wrote nothing.
+    assert_eq!(read_all(&mut c).await.len(), 3);
+}
+
+#[tokio::test]
+async fn retry_with_the_same_event_ids_returns_the_original_result() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    let mut e1 = json_event("A", r#"{"x":1}"#);
+    e1.event_id = uuid::Uuid::new_v4().to_string();
+    let mut e2 = json_event("B", r#"{"x":2}"#);
+    e2.event_id = uuid::Uuid::new_v4().to_string();
+    c.append(append("other", None, vec![json_event("X", "{}")]))
+        .await
+        .unwrap();
+    let req = append("retry-1", exact(0), vec![e1.clone(), e2.clone()]);
+    let first = c.append(req.clone()).await.unwrap().into_inner();
+    assert!(!first.duplicate);
+    // Something else lands in the stream after it.
+    c.append(append("retry-1", None, vec![json_event("C", "{}")]))
+        .await
+        .unwrap();
+    let again = c.append(req.clone()).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.version, again.first_sequence, again.last_sequence),
+        (first.version, first.first_sequence, first.last_sequence)
+    );
+    assert_eq!(read_all(&mut c).await.len(), 4, "the retry wrote nothing");
+
+    // Re-using one id in a different place is a conflict, not a retry.
+    let err = c
+        .append(append("retry-2", None, vec![e2.clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(
+        err.get_details_error_info().unwrap().reason,
+        "EVENT_ID_CONFLICT"
+    );
+    // Mixing a stored id with new events is a conflict too.
+    let mut fresh = json_event("D", "{}");
+    fresh.event_id = uuid::Uuid::new_v4().to_string();
+    let err = c
+        .append(append("retry-1", None, vec![e1.clone(), fresh]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(read_all(&mut c).await.len(), 4);
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_in_one_batch_are_written_once() {
+    let server = Server::fresh().await;
+    let mut e = json_event("A", "{}");
+    e.event_id = uuid::Uuid::new_v4().to_string();
+    let req = append("dup-batch", None, vec![e]);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut c = server.client().await;
+        let req = req.clone();
+        tasks.push(tokio::spawn(async move {
+            c.append(req).await.unwrap().into_inner()
+        }));
+    }
+    let mut written = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!((r.version, r.first_sequence), (1, 1));
+        if !r.duplicate {
+            written += 1;
+        }
+    }
+    assert_eq!(written, 1);
+    let mut c = server.client().await;
+    assert_eq!(read_all(&mut c).await.len(), 1);
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_result() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    let mut req = append("keyed", None, vec![json_event("A", "{}")]);
+    req.idempotency_key = "cmd-42".into();
+    let first = c.append(req.clone()).await.unwrap().into_inner();
+    let again = c.append(req.clone()).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!(first.last_sequence, again.last_sequence);
+    assert_eq!(read_all(&mut c).await.len(), 1);
+    // The same key for another stream is refused.
+    let mut other = append("keyed-other", None, vec![json_event("A", "{}")]);
+    other.idempotency_key = "cmd-42".into();
+    let err = c.append(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(read_all(&mut c).await.len(), 1);
+}
+
+#[tokio::test]
+async fn payloads_metadata_and_timestamps_round_trip() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    let binary: Vec<u8> = (0..=255u8).chain([0, 0, 255]).collect();
+    let ts = prost_types::Timestamp {
+        seconds: 1_700_000_000,
+        nanos: 123_456_000,
+    };
+    let events = vec![
+        proto::EventData {
+            event_type: "Json".into(),
+            payload: Some(proto::event_data::Payload::Json(
+                r#"{"b": [1, 2.5, "x"], "a": {"nested": true}, "big": 12345678901234567890}"#
+                    .into(),
+            )),
+            metadata: [("correlation".to_string(), "c-1".to_string())].into(),
+            timestamp: Some(ts),
+            ..Default::default()
+        },
+        proto::EventData {
+            event_type: "Bin".into(),
+            content_type: "application/octet-stream".into(),
+            payload: Some(proto::event_data::Payload::Data(binary.clone().into())),
+            ..Default::default()
+        },
+        proto::EventData {
+            event_type: "JsonAsBytes".into(),
+            content_type: "application/vnd.thing+json".into(),
+            payload: Some(proto::event_data::Payload::Data(
+                br#"[1,2,3]"#.to_vec().into(),
+            )),
+            ..Default::default()
+        },
+        proto::EventData {
+            event_type: "Empty".into(),
+            content_type: "text/plain".into(),
+            ..Default::default()
+        },
+    ];
+    c.append(append("rt", None, events)).await.unwrap();
+    let page = c
+        .load(proto::LoadRequest {
+            stream_id: "rt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = &page.events;
+    assert_eq!(e.len(), 4);
+    assert_eq!(
+        json_of(&e[0]),
+        serde_json::json!({"a": {"nested": true}, "b": [1, 2.5, "x"], "big": 12345678901234567890u64})
+    );
+    assert_eq!(e[0].content_type, "application/json");
+    assert_eq!(e[0].metadata["correlation"], "c-1");
+    assert_eq!(e[0].timestamp, Some(ts));
+    assert!(e[0].recorded_at.is_some());
+    assert_eq!(
+        e[0].partition_key,
+        pgstore::store::partition_key("rt"),
+        "partition key is FNV-1a of the stream id"
+    );
+    assert!(uuid::Uuid::parse_str(&e[0].event_id).is_ok());
+    match &e[1].payload {
+        Some(proto::recorded_event::Payload::Data(b)) => assert_eq!(b.as_ref(), &binary[..]),
+        other => panic!("expected bytes, got {other:?}"),
+    }
+    assert_eq!(e[1].content_type, "application/octet-stream");
+    assert_eq!(json_of(&e[2]), serde_json::json!([1, 2, 3]));
+    match &e[3].payload {
+        Some(proto::recorded_event::Payload::Data(b)) => assert!(b.is_empty()),
+        other => panic!("expected empty bytes, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn json_payloads_are_queryable_in_sql() {
+    let url = fresh_db().await;
+    let server = Server::start(test_config(&url)).await;
+    let mut c = server.client().await;
+    c.append(append(
+        "sql-1",
+        None,
+        vec![json_event("Placed", r#"{"customer": "ada", "total": 42}"#)],
+    ))
+    .await
+    .unwrap();
+    let config = pgstore::config::parse_database_url(&url).unwrap();
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT data->>'customer', (data->>'total')::int FROM pgstore.events WHERE stream_id = 'sql-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "ada");
+    assert_eq!(row.get::<_, i32>(1), 42);
+}
+
+#[tokio::test]
+async fn tombstoned_and_archived_streams_refuse_appends() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    c.append(append("t-1", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    c.append(append("a-1", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    c.tombstone_stream(proto::TombstoneStreamRequest {
+        stream_id: "t-1".into(),
+        reason: "gdpr".into(),
+    })
+    .await
+    .unwrap();
+    c.archive_stream(proto::ArchiveStreamRequest {
+        stream_id: "a-1".into(),
+    })
+    .await
+    .unwrap();
+    for (s, reason) in [("t-1", "STREAM_TOMBSTONED"), ("a-1", "STREAM_ARCHIVED")] {
+        let err = c
+            .append(append(s, None, vec![json_event("E", "{}")]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{s}");
+        assert_eq!(err.get_details_error_info().unwrap().reason, reason);
+    }
+    assert_eq!(read_all(&mut c).await.len(), 2);
+}

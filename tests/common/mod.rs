@@ -1,0 +1,304 @@
+//! Test harness: throwaway PostgreSQL clusters (initdb/pg_ctl from the machine's PostgreSQL; as
+//! root they run as the `postgres` user), a fresh database per test, pgstore in-process on
+//! 127.0.0.1:0 (or as a real process), and generated gRPC clients.
+
+#![allow(dead_code)]
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use pgstore::{
+    config::Config,
+    embedded::Cluster,
+    proto::{self, event_store_client::EventStoreClient},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+pub type Client = EventStoreClient<Channel>;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique name for this process.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Settings that make test clusters fast. Never used by benchmarks or defaults.
+pub const FAST: &[(&str, &str)] = &[
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "400"),
+    ("shared_buffers", "64MB"),
+];
+
+/// A PostgreSQL cluster of its own, stopped and removed on drop.
+pub struct PgCluster {
+    pub cluster: Cluster,
+    pub root: PathBuf,
+}
+
+impl PgCluster {
+    /// Creates and starts a cluster on a free port, listening on 127.0.0.1.
+    pub fn start(settings: &[(&str, &str)]) -> PgCluster {
+        let root = std::env::temp_dir().join(unique("pgstore-test"));
+        let _ = std::fs::remove_dir_all(&root);
+        let cluster = Cluster::in_dir(&root, free_port(), true).expect("PostgreSQL binaries");
+        cluster.init().expect("initdb");
+        cluster.start(settings).expect("pg_ctl start");
+        PgCluster { cluster, root }
+    }
+
+    /// A libpq URL for database `db`.
+    pub fn url(&self, db: &str) -> String {
+        self.cluster.url(db)
+    }
+
+    /// Creates a fresh database and returns its URL.
+    pub async fn create_db(&self) -> String {
+        let db = unique("t");
+        let (client, conn) = self
+            .cluster
+            .config("postgres")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect to test cluster");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .expect("create database");
+        self.url(&db)
+    }
+
+    pub fn stop(&self, mode: &str) {
+        self.cluster.stop(mode).expect("pg_ctl stop");
+    }
+
+    pub fn restart(&self, settings: &[(&str, &str)]) {
+        self.cluster.start(settings).expect("pg_ctl start");
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.cluster.is_running() {
+            let _ = self.cluster.stop("immediate");
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_dir_all(&self.cluster.socket_dir);
+    }
+}
+
+/// The cluster shared by the tests of one test binary (each test makes its own database). It is
+/// stopped by a watchdog when the test process exits.
+pub fn shared() -> &'static PgCluster {
+    static SHARED: OnceLock<PgCluster> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let pg = PgCluster::start(FAST);
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop}; rm -rf {root}",
+            pid = std::process::id(),
+            stop = if pg.cluster.as_postgres {
+                format!(
+                    "runuser -u postgres -- {} -D {} -m immediate stop",
+                    pg.cluster.bindir.join("pg_ctl").display(),
+                    pg.cluster.data.display()
+                )
+            } else {
+                format!(
+                    "{} -D {} -m immediate stop",
+                    pg.cluster.bindir.join("pg_ctl").display(),
+                    pg.cluster.data.display()
+                )
+            },
+            root = pg.root.display(),
+        );
+        std::process::Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn watchdog");
+        pg
+    })
+}
+
+/// A fresh database on the shared cluster.
+pub async fn fresh_db() -> String {
+    shared().create_db().await
+}
+
+/// A configuration for tests: the given database, quick health checks and timeouts.
+pub fn test_config(url: &str) -> Config {
+    let mut c = Config {
+        database_url: Some(url.to_owned()),
+        ..Config::default()
+    };
+    c.server.health_interval = Duration::from_millis(200);
+    c.server.shutdown_grace = Duration::from_secs(5);
+    c.database.connect_timeout = Duration::from_secs(2);
+    c.log.level = "warn".into();
+    c
+}
+
+/// pgstore running in-process.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<pgstore::Result<()>>>,
+}
+
+impl Server {
+    /// Starts pgstore on 127.0.0.1:0 with `config`; returns once it accepts calls.
+    pub async fn start(config: Config) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(pgstore::server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        let server = Server {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    /// Starts pgstore on a fresh database of the shared cluster.
+    pub async fn fresh() -> Server {
+        Server::start(test_config(&fresh_db().await)).await
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(mut c) = self.try_client().await
+                && c.latest_sequence(proto::LatestSequenceRequest::default())
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("pgstore did not become ready on {}", self.addr);
+    }
+
+    async fn try_client(&self) -> Result<Client, tonic::transport::Error> {
+        Ok(EventStoreClient::connect(format!("http://{}", self.addr))
+            .await?
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024))
+    }
+
+    /// A new client (its own HTTP/2 connection).
+    pub async fn client(&self) -> Client {
+        self.try_client().await.expect("connect to pgstore")
+    }
+
+    /// A channel to the server, for the other services (health, reflection).
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Shuts down gracefully and returns what `run` returned.
+    pub async fn shutdown(mut self) -> pgstore::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A JSON event.
+pub fn json_event(event_type: &str, json: &str) -> proto::EventData {
+    proto::EventData {
+        event_type: event_type.into(),
+        payload: Some(proto::event_data::Payload::Json(json.into())),
+        ..Default::default()
+    }
+}
+
+/// An append request.
+pub fn append(
+    stream: &str,
+    expected: Option<proto::append_request::ExpectedVersion>,
+    events: Vec<proto::EventData>,
+) -> proto::AppendRequest {
+    proto::AppendRequest {
+        stream_id: stream.into(),
+        expected_version: expected,
+        events,
+        idempotency_key: String::new(),
+    }
+}
+
+/// `exact(v)` expected version.
+pub fn exact(v: u64) -> Option<proto::append_request::ExpectedVersion> {
+    Some(proto::append_request::ExpectedVersion::Exact(v))
+}
+
+/// Reads the whole global log.
+pub async fn read_all(client: &mut Client) -> Vec<proto::RecordedEvent> {
+    let mut out = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = client
+            .read_from(proto::ReadFromRequest {
+                from_sequence: from,
+                limit: 5000,
+                ..Default::default()
+            })
+            .await
+            .expect("read_from")
+            .into_inner();
+        let n = page.events.len();
+        out.extend(page.events);
+        from = page.next_sequence;
+        if n == 0 {
+            return out;
+        }
+    }
+}
+
+/// The JSON text of a recorded event, parsed.
+pub fn json_of(e: &proto::RecordedEvent) -> serde_json::Value {
+    match &e.payload {
+        Some(proto::recorded_event::Payload::Json(s)) => serde_json::from_str(s).unwrap(),
+        other => panic!("not a JSON payload: {other:?}"),
+    }
+}
