@@ -362,13 +362,17 @@ async fn read_under_lock(
         }
     };
     let stream_params: [&(dyn ToSql + Sync); 1] = [stream_ids];
-    let (_, head_row, stream_rows, id_rows, key_rows) = tokio::try_join!(
+    // `join!`, not `try_join!`: every statement's answer is awaited, and the error reported is
+    // the first in pipeline order (later ones only say the transaction was aborted).
+    let (begun, head_row, stream_rows, id_rows, key_rows) = tokio::join!(
         client.execute(&begin, &[]),
         client.query_one(&lock, &[]),
         client.query(&streams_stmt, &stream_params),
         find_ids,
         find_keys,
-    )?;
+    );
+    begun?;
+    let (head_row, stream_rows, id_rows, key_rows) = (head_row?, stream_rows?, id_rows?, key_rows?);
 
     let head: i64 = head_row.get(0);
     let mut streams = HashMap::with_capacity(stream_rows.len());
@@ -654,7 +658,7 @@ async fn write_and_commit(
     let upsert_params: [&(dyn ToSql + Sync); 2] = [&rows.upsert_stream, &rows.upsert_version];
     let head_params: [&(dyn ToSql + Sync); 1] = [&head];
     let notify_params: [&(dyn ToSql + Sync); 2] = [&channel, &head_text];
-    let result = tokio::try_join!(
+    let (inserted, upserted, head_set, keys_written, notified, committed) = tokio::join!(
         client.execute(&insert, &insert_params),
         client.execute(&upsert, &upsert_params),
         client.execute(&set_head, &head_params),
@@ -662,7 +666,21 @@ async fn write_and_commit(
         client.execute(&notify, &notify_params),
         client.execute(&commit, &[]),
     );
-    result.map(|_| ()).map_err(|e| (e, true))
+    // The first error in pipeline order is the cause.
+    let first_error = [
+        inserted,
+        upserted,
+        head_set,
+        keys_written,
+        notified,
+        committed,
+    ]
+    .into_iter()
+    .find_map(Result::err);
+    match first_error {
+        None => Ok(()),
+        Some(e) => Err((e, true)),
+    }
 }
 
 fn clone_err(e: &Error) -> Error {

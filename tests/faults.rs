@@ -1,0 +1,232 @@
+//! Faults: pgstore killed mid-append, PostgreSQL restarted under a running pgstore.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use pgstore::proto;
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+fn spawn_pgstore(url: &str, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args([
+            "serve",
+            "--database-url",
+            url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("PGSTORE_LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start pgstore")
+}
+
+async fn connect(port: u16) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(c) = pgstore::proto::event_store_client::EventStoreClient::connect(format!(
+            "http://127.0.0.1:{port}"
+        ))
+        .await
+        {
+            let mut probe = c.clone();
+            if probe
+                .latest_sequence(proto::LatestSequenceRequest::default())
+                .await
+                .is_ok()
+            {
+                return c;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgstore did not come up on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_appends_survive_a_sigkill_and_none_is_half_written() {
+    let url = fresh_db().await;
+    let port = free_port();
+    let mut child = spawn_pgstore(&url, port);
+    let c = connect(port).await;
+
+    // 16 writers append 3-event batches with known ids until the process dies.
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let mut c = c.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked: Vec<Vec<String>> = Vec::new();
+            let mut attempted: Vec<Vec<String>> = Vec::new();
+            for i in 0.. {
+                let events: Vec<proto::EventData> = (0..3)
+                    .map(|_| {
+                        let mut e = json_event("E", &format!("{i}"));
+                        e.event_id = uuid::Uuid::new_v4().to_string();
+                        e
+                    })
+                    .collect();
+                let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+                attempted.push(ids.clone());
+                match c
+                    .append(append(&format!("crash-{}", w % 5), None, events))
+                    .await
+                {
+                    Ok(_) => acked.push(ids),
+                    Err(_) => return (acked, attempted),
+                }
+            }
+            unreachable!()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().expect("SIGKILL pgstore");
+    child.wait().unwrap();
+    let mut acked = Vec::new();
+    let mut attempted = Vec::new();
+    for w in writers {
+        let (a, b) = w.await.unwrap();
+        acked.extend(a);
+        attempted.extend(b);
+    }
+    assert!(
+        acked.len() > 50,
+        "appends were acknowledged before the kill ({})",
+        acked.len()
+    );
+
+    // Restart on the same database and check.
+    let port = free_port();
+    let mut child = spawn_pgstore(&url, port);
+    let mut c = connect(port).await;
+    let all = read_all(&mut c).await;
+    let stored: HashMap<&str, &proto::RecordedEvent> =
+        all.iter().map(|e| (e.event_id.as_str(), e)).collect();
+    for ids in &acked {
+        for id in ids {
+            assert!(
+                stored.contains_key(id.as_str()),
+                "an acknowledged event was lost"
+            );
+        }
+    }
+    for ids in &attempted {
+        let present = ids
+            .iter()
+            .filter(|id| stored.contains_key(id.as_str()))
+            .count();
+        assert!(
+            present == 0 || present == ids.len(),
+            "an append was half-written"
+        );
+    }
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(
+            e.global_sequence,
+            i as u64 + 1,
+            "global sequences are dense"
+        );
+    }
+    // The server still works.
+    c.append(append("after", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+async fn health_status(channel: tonic::transport::Channel, service: &str) -> Option<i32> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+async fn wait_health(channel: &tonic::transport::Channel, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = health_status(channel.clone(), "").await;
+        let svc = health_status(channel.clone(), "pgstore.v1.EventStore").await;
+        if now == Some(want as i32) && svc == Some(want as i32) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health never became {want:?} (is {now:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_gives_unavailable_then_recovers_without_restarting_pgstore() {
+    let pg = PgCluster::start(FAST);
+    let url = pg.create_db().await;
+    let server = Server::start(test_config(&url)).await;
+    let mut c = server.client().await;
+    let channel = server.channel().await;
+    wait_health(&channel, ServingStatus::Serving).await;
+    let before = c
+        .append(append("r", None, vec![json_event("E", "1")]))
+        .await
+        .unwrap()
+        .into_inner();
+    // Warm some pooled connections so the pool holds connections that will die.
+    for _ in 0..4 {
+        c.load(proto::LoadRequest {
+            stream_id: "r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    pg.stop("fast");
+    let err = c
+        .append(append("r", None, vec![json_event("E", "2")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    let err = c
+        .read_from(proto::ReadFromRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    wait_health(&channel, ServingStatus::NotServing).await;
+
+    pg.restart(FAST);
+    wait_health(&channel, ServingStatus::Serving).await;
+    // Both paths work again, and nothing acknowledged was lost.
+    let after = c
+        .append(append("r", None, vec![json_event("E", "3")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.first_sequence, before.last_sequence + 1);
+    let all = read_all(&mut c).await;
+    assert_eq!(all.len(), 2);
+    let page = c
+        .load(proto::LoadRequest {
+            stream_id: "r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.stream_version, 2);
+    server.shutdown().await.unwrap();
+}
