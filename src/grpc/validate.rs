@@ -68,8 +68,9 @@ pub fn event_types(types: &[String], limits: &Limits) -> Result<()> {
 pub fn json(field: &str, text: &str) -> Result<()> {
     serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map_err(|e| Error::invalid(field, format!("not valid JSON: {e}")))?;
-    // jsonb cannot hold U+0000; only an escape can put one in valid JSON text.
-    if text.contains("\\u0000") {
+    // jsonb cannot hold U+0000 nor lone surrogates; only escapes can put them in JSON text, and
+    // the fast syntax check above does not decode escapes. Decode fully when one is present.
+    if has_risky_escape(text) {
         let value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| Error::invalid(field, format!("not valid JSON: {e}")))?;
         if contains_nul(&value) {
@@ -80,6 +81,15 @@ pub fn json(field: &str, text: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the text holds a `\\u0000` or a `\\uD800`-`\\uDFFF` escape (or something that looks
+/// like one, e.g. after an escaped backslash: decoding then settles it).
+fn has_risky_escape(text: &str) -> bool {
+    text.match_indices("\\u").any(|(i, _)| {
+        let rest = &text.as_bytes()[i + 2..];
+        rest.starts_with(b"0000") || matches!(rest.first(), Some(b'd' | b'D'))
+    })
 }
 
 fn contains_nul(v: &serde_json::Value) -> bool {

@@ -459,14 +459,11 @@ fn plan(cmds: &[&AppendCommand], snap: &Snapshot) -> (Rows, Keys, Vec<Result<App
             }
         }
         // A retry by event ids.
-        if cmd.client_event_ids {
-            match retry_by_event_ids(cmd, &snap.event_ids, &batch_ids) {
-                Some(r) => {
-                    results.push(r);
-                    continue;
-                }
-                None => {}
-            }
+        if cmd.client_event_ids
+            && let Some(r) = retry_by_event_ids(cmd, &snap.event_ids, &batch_ids)
+        {
+            results.push(r);
+            continue;
         }
         let (version, state) = *streams.entry(cmd.stream_id.as_str()).or_insert_with(|| {
             snap.streams
@@ -699,7 +696,7 @@ fn clone_err(e: &Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::NewEvent;
+    use crate::store::{ExpectedVersion, NewEvent};
 
     fn cmd(stream: &str, expected: ExpectedVersion, n: usize) -> AppendCommand {
         AppendCommand {

@@ -135,6 +135,8 @@ pub fn shared() -> &'static PgCluster {
             },
             root = pg.root.display(),
         );
+        // The watchdog must outlive this process: it is never waited for on purpose.
+        #[allow(clippy::zombie_processes)]
         std::process::Command::new("setsid")
             .args(["sh", "-c", &script])
             .stdin(std::process::Stdio::null())

@@ -1,0 +1,263 @@
+//! The server around the store: health, reflection, configuration layering, graceful shutdown and
+//! the embedded PostgreSQL default.
+
+mod common;
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use pgstore::proto;
+use tokio_stream::StreamExt;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_reflection::pb::v1alpha::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+#[tokio::test]
+async fn health_reports_serving_for_the_server_and_the_service() {
+    let server = Server::fresh().await;
+    for service in ["", "pgstore.v1.EventStore"] {
+        let status = HealthClient::new(server.channel().await)
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
+
+#[tokio::test]
+async fn reflection_v1alpha_lists_the_services() {
+    let server = Server::fresh().await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["pgstore.v1.EventStore", "grpc.health.v1.Health"] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_finishes_in_flight_appends() {
+    let server = Server::fresh().await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            c.append(append(&format!("g-{i}"), None, vec![json_event("E", "{}")]))
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let addr = server.addr;
+    server.shutdown().await.unwrap();
+    let mut acked = Vec::new();
+    for t in tasks {
+        if let Ok(r) = t.await.unwrap() {
+            acked.push(r.into_inner().last_sequence);
+        }
+    }
+    // The server is gone...
+    assert!(
+        proto::event_store_client::EventStoreClient::connect(format!("http://{addr}"))
+            .await
+            .is_err()
+    );
+    // ...and everything it acknowledged is stored (checked through a new instance).
+    acked.sort();
+    assert!(acked.windows(2).all(|w| w[0] < w[1]));
+    assert!(!acked.is_empty());
+}
+
+/// Sends SIGTERM and waits for the exit without blocking the runtime (client connections must
+/// keep being driven to see the server's GOAWAY).
+async fn terminate(mut child: std::process::Child) -> std::process::ExitStatus {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn wait_client(port: u16) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut c) =
+            proto::event_store_client::EventStoreClient::connect(format!("http://127.0.0.1:{port}"))
+                .await
+            && c.latest_sequence(proto::LatestSequenceRequest::default())
+                .await
+                .is_ok()
+        {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "pgstore did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn environment_overrides_the_file_and_flags_override_the_environment() {
+    let url = fresh_db().await;
+    let dir = std::env::temp_dir().join(unique("pgstore-conf"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pgstore.toml");
+    let (file_port, env_port, flag_port) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        &file,
+        format!("listen = \"127.0.0.1:{file_port}\"\ndatabase_url = \"postgres://nobody@127.0.0.1:1/none\"\n[log]\nlevel = \"warn\"\n"),
+    )
+    .unwrap();
+    // The environment's database URL beats the file's; the file's listen address is used.
+    let child = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("PGSTORE_DATABASE_URL", &url)
+        .env("PGSTORE_DATABASE__POOL_SIZE", "4")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = wait_client(file_port).await;
+    c.append(append("cfg", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    assert!(terminate(child).await.success(), "SIGTERM exits cleanly");
+
+    // The environment's listen beats the file's; a flag beats the environment.
+    let child = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .args(["--listen", &format!("127.0.0.1:{flag_port}")])
+        .env("PGSTORE_LISTEN", format!("127.0.0.1:{env_port}"))
+        .env("PGSTORE_DATABASE_URL", &url)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = wait_client(flag_port).await;
+    let head = c
+        .latest_sequence(proto::LatestSequenceRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(head.sequence, 1, "same database as before");
+    assert!(terminate(child).await.success());
+
+    // Invalid configuration is refused before binding, with the key named.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("PGSTORE_DATABASE__EVENTS_CHANNEL", "bad-channel")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("events_channel"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("PGSTORE_NO_SUCH_KEY", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "unknown keys are refused");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn migrate_command_applies_the_schema() {
+    let url = fresh_db().await;
+    for expected in ["applied 1 migration(s)", "applied 0 migration(s)"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+            .args(["migrate", "--database-url", &url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(expected));
+    }
+}
+
+#[tokio::test]
+async fn serve_without_a_database_url_runs_an_embedded_postgres() {
+    let dir = std::env::temp_dir().join(unique("pgstore-embedded"));
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env_remove("PGSTORE_DATABASE_URL")
+        .env("PGSTORE_LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = wait_client(port).await;
+    let r = c
+        .append(append("emb", None, vec![json_event("E", r#"{"ok":true}"#)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.version, 1);
+    assert!(terminate(child).await.success());
+    assert!(
+        dir.join("pg/PG_VERSION").is_file(),
+        "cluster created in the data dir"
+    );
+    assert!(
+        !dir.join("pg/postmaster.pid").exists(),
+        "the embedded cluster is stopped at shutdown"
+    );
+
+    // A second start reuses the cluster and its data.
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env_remove("PGSTORE_DATABASE_URL")
+        .env("PGSTORE_LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = wait_client(port).await;
+    assert_eq!(read_all(&mut c).await.len(), 1);
+    assert!(terminate(child).await.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
