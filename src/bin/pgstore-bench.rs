@@ -1,0 +1,397 @@
+//! `pgstore-bench`: drives a running pgstore through its gRPC API and, in the same run against the
+//! same database, the raw-PostgreSQL equivalent of each scenario, and prints pgstore / raw ratios.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+use pgstore::proto::{self, event_store_client::EventStoreClient};
+use tokio_postgres::NoTls;
+
+#[derive(Parser)]
+#[command(
+    name = "pgstore-bench",
+    about = "Benchmarks pgstore against raw PostgreSQL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// N clients append, each waiting for its answer before the next append.
+    Append(AppendArgs),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// pgstore's address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// The database pgstore uses, for the raw baselines (skipped without it).
+    #[arg(long, env = "PGSTORE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// How long each measurement runs.
+    #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+    duration: Duration,
+    /// Warm-up before each measurement (not counted).
+    #[arg(long, default_value = "1s", value_parser = humantime_parse)]
+    warmup: Duration,
+}
+
+#[derive(Args, Clone)]
+struct AppendArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Concurrent clients (each with its own connection).
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Events per append.
+    #[arg(long, default_value_t = 1)]
+    events_per_append: usize,
+    /// Payload size per event, in bytes (a JSON string of that length).
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Streams shared by the clients (0 = one stream per client).
+    #[arg(long, default_value_t = 0)]
+    streams: usize,
+}
+
+/// One benchmark operation in flight.
+type OpFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+fn humantime_parse(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// What one measurement produced.
+struct Stats {
+    ops: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+}
+
+impl Stats {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+    fn ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Runs `workers` copies of `op` in a loop for warm-up + duration; counts and times each call
+/// after the warm-up.
+async fn drive<F, Fut>(label: &str, workers: usize, common: &Common, mut make: F) -> Stats
+where
+    F: FnMut(usize) -> Box<dyn FnMut() -> Fut + Send>,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let measuring = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let mut op = make(w);
+        let (measuring, done, count) = (measuring.clone(), done.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut errors = 0u64;
+            let mut last_error = None;
+            while !done.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = op().await;
+                if measuring.load(Ordering::Relaxed) && !done.load(Ordering::Relaxed) {
+                    match r {
+                        Ok(()) => {
+                            h.saturating_record(t.elapsed().as_micros() as u64);
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            last_error = Some(e);
+                        }
+                    }
+                }
+            }
+            (h, errors, last_error)
+        }));
+    }
+    tokio::time::sleep(common.warmup).await;
+    measuring.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    let progress = {
+        let (count, done) = (count.clone(), done.clone());
+        let label = label.to_owned();
+        let total = common.duration;
+        tokio::spawn(async move {
+            let mut last = 0;
+            while !done.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = count.load(Ordering::Relaxed);
+                eprint!(
+                    "\r  {label:<24} {:>5.1}s/{:.0}s  {:>9} ops/s   ",
+                    start.elapsed().as_secs_f64(),
+                    total.as_secs_f64(),
+                    now - last
+                );
+                last = now;
+            }
+            eprint!("\r{:80}\r", "");
+        })
+    };
+    tokio::time::sleep(common.duration).await;
+    done.store(true, Ordering::SeqCst);
+    let elapsed = start.elapsed();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e, last) = t.await.unwrap();
+        latency.add(&h).unwrap();
+        errors += e;
+        if let Some(last) = last {
+            eprintln!("  {label}: error: {last}");
+        }
+    }
+    let _ = progress.await;
+    Stats {
+        ops: latency.len(),
+        errors,
+        elapsed,
+        latency,
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:<26} {:>11} {:>11} {:>9} {:>9} {:>9} {:>7}",
+        "", "appends/s", "events/s", "p50 ms", "p99 ms", "p999 ms", "errors"
+    );
+}
+
+fn print_row(label: &str, s: &Stats, events_per_op: usize) {
+    println!(
+        "{:<26} {:>11.0} {:>11.0} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+        label,
+        s.rate(),
+        s.rate() * events_per_op as f64,
+        s.ms(0.5),
+        s.ms(0.99),
+        s.ms(0.999),
+        s.errors
+    );
+}
+
+async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let config = pgstore::config::parse_database_url(url).expect("database url");
+    let (client, conn) = config.connect(NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+const RAW_SCHEMA: &str = "
+    CREATE SCHEMA IF NOT EXISTS pgstore_bench;
+    DROP TABLE IF EXISTS pgstore_bench.events;
+    DROP TABLE IF EXISTS pgstore_bench.head;
+    CREATE TABLE pgstore_bench.events (
+        seq bigserial PRIMARY KEY,
+        stream_id text NOT NULL,
+        version bigint NOT NULL,
+        event_id uuid NOT NULL,
+        event_type text NOT NULL,
+        data jsonb NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        UNIQUE (stream_id, version)
+    );
+    CREATE UNIQUE INDEX ON pgstore_bench.events (event_id);
+    CREATE TABLE pgstore_bench.head (id boolean PRIMARY KEY, seq bigint NOT NULL);
+    INSERT INTO pgstore_bench.head VALUES (true, 0);";
+
+const RAW_INSERT: &str = "INSERT INTO pgstore_bench.events (stream_id, version, event_id, event_type, data) \
+     SELECT $1, v, e, 'BenchEvent', d::jsonb FROM unnest($2::bigint[], $3::uuid[], $4::text[]) AS t(v, e, d)";
+const RAW_INSERT_SEQ: &str = "INSERT INTO pgstore_bench.events (seq, stream_id, version, event_id, event_type, data) \
+     SELECT s, $1, v, e, 'BenchEvent', d::jsonb FROM unnest($2::bigint[], $3::bigint[], $4::uuid[], $5::text[]) AS t(s, v, e, d)";
+
+async fn append_scenario(a: AppendArgs) {
+    let payload = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
+    let n = a.events_per_append;
+    println!(
+        "append: clients={} events/append={} payload={}B streams={} duration={:?}",
+        a.clients,
+        n,
+        a.payload_bytes,
+        if a.streams == 0 {
+            "one per client".to_string()
+        } else {
+            a.streams.to_string()
+        },
+        a.common.duration
+    );
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let stream_of = {
+        let streams = a.streams;
+        let run_id = run_id.clone();
+        move |w: usize, i: u64| {
+            if streams == 0 {
+                format!("bench-{}-{w}", &run_id[..8])
+            } else {
+                format!("bench-{}-{}", &run_id[..8], (w as u64 + i) % streams as u64)
+            }
+        }
+    };
+
+    // pgstore.
+    let mut clients = Vec::new();
+    for _ in 0..a.clients {
+        clients.push(
+            EventStoreClient::connect(a.common.target.clone())
+                .await
+                .expect("connect to pgstore"),
+        );
+    }
+    let events: Vec<proto::EventData> = (0..n)
+        .map(|_| proto::EventData {
+            event_type: "BenchEvent".into(),
+            payload: Some(proto::event_data::Payload::Json(payload.clone())),
+            ..Default::default()
+        })
+        .collect();
+    let pg = drive("pgstore", a.clients, &a.common, |w| {
+        let client = clients[w].clone();
+        let events = events.clone();
+        let stream_of = stream_of.clone();
+        let mut i = 0u64;
+        Box::new(move || {
+            let mut client = client.clone();
+            i += 1;
+            let req = proto::AppendRequest {
+                stream_id: stream_of(w, i),
+                expected_version: None,
+                events: events.clone(),
+                idempotency_key: String::new(),
+            };
+            async move {
+                client
+                    .append(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.message().to_owned())
+            }
+        })
+    })
+    .await;
+
+    let Some(url) = a.common.database_url.clone() else {
+        print_header();
+        print_row("pgstore", &pg, n);
+        println!("(raw baselines skipped: pass --database-url)");
+        return;
+    };
+    raw_client(&url)
+        .await
+        .batch_execute(RAW_SCHEMA)
+        .await
+        .expect("bench schema");
+
+    // Raw (a): one INSERT transaction per append, no ordering guarantee.
+    let mut raws = Vec::new();
+    for _ in 0..a.clients {
+        raws.push(Arc::new(raw_client(&url).await));
+    }
+    let versions: Arc<Vec<AtomicU64>> =
+        Arc::new((0..a.clients).map(|_| AtomicU64::new(0)).collect());
+    let make_raw = |locked: bool| {
+        let raws = raws.clone();
+        let payload = payload.clone();
+        let versions = versions.clone();
+        let run = format!("{run_id}-{}", if locked { "b" } else { "a" });
+        move |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
+            let client = raws[w].clone();
+            let payload = payload.clone();
+            let versions = versions.clone();
+            let stream = format!("raw-{run}-{w}");
+            Box::new(move || {
+                let client = client.clone();
+                let payload = payload.clone();
+                let v0 = versions[w].fetch_add(n as u64, Ordering::Relaxed);
+                let stream = stream.clone();
+                Box::pin(async move {
+                    let vs: Vec<i64> = (1..=n as i64).map(|k| v0 as i64 + k).collect();
+                    let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
+                    let data: Vec<String> = vec![payload; n];
+                    let r: Result<(), tokio_postgres::Error> = async {
+                        if !locked {
+                            // One statement = one implicit transaction: one round trip.
+                            client
+                                .execute(RAW_INSERT, &[&stream, &vs, &ids, &data])
+                                .await?;
+                            return Ok(());
+                        }
+                        client.batch_execute("BEGIN").await?;
+                        {
+                            client
+                                .execute("SELECT pg_advisory_xact_lock(7)", &[])
+                                .await?;
+                            let row = client
+                                .query_one(
+                                    "UPDATE pgstore_bench.head SET seq = seq + $1 RETURNING seq",
+                                    &[&(n as i64)],
+                                )
+                                .await?;
+                            let last: i64 = row.get(0);
+                            let seqs: Vec<i64> = (last - n as i64 + 1..=last).collect();
+                            client
+                                .execute(RAW_INSERT_SEQ, &[&stream, &seqs, &vs, &ids, &data])
+                                .await?;
+                        }
+                        client.batch_execute("COMMIT").await
+                    }
+                    .await;
+                    r.map_err(|e| match e.as_db_error() {
+                        Some(db) => db.message().to_owned(),
+                        None => e.to_string(),
+                    })
+                })
+            })
+        }
+    };
+    let raw_a = drive("raw (a) unordered", a.clients, &a.common, make_raw(false)).await;
+    for v in versions.iter() {
+        v.store(0, Ordering::Relaxed);
+    }
+    raw_client(&url)
+        .await
+        .batch_execute("TRUNCATE pgstore_bench.events")
+        .await
+        .expect("truncate");
+    let raw_b = drive("raw (b) global lock", a.clients, &a.common, make_raw(true)).await;
+    print_header();
+    print_row("pgstore", &pg, n);
+    print_row("raw (a) insert per tx", &raw_a, n);
+    print_row("raw (b) + global lock", &raw_b, n);
+    println!(
+        "ratio pgstore/raw(a): {:.2}x   pgstore/raw(b): {:.2}x   p50 delta vs raw(a): {:+.3} ms",
+        pg.rate() / raw_a.rate(),
+        pg.rate() / raw_b.rate(),
+        pg.ms(0.5) - raw_a.ms(0.5)
+    );
+    let _ = raw_client(&url)
+        .await
+        .batch_execute("DROP SCHEMA pgstore_bench CASCADE")
+        .await;
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().scenario {
+        Scenario::Append(a) => append_scenario(a).await,
+    }
+}
