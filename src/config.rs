@@ -35,6 +35,65 @@ pub struct Config {
     pub limits: Limits,
     /// Server behaviour.
     pub server: ServerSection,
+    /// Subscriptions and change watchers.
+    pub live: LiveSection,
+    /// Consumer groups.
+    pub groups: GroupsSection,
+}
+
+/// Subscriptions and change watchers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveSection {
+    /// Messages buffered per Subscribe / WatchChanges stream (memory per slow client is bounded
+    /// by this).
+    pub buffer: usize,
+    /// Events read per catch-up page.
+    pub page_size: u32,
+    /// A heartbeat is sent after this much silence.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Live subscribers also poll this often, in case a notification was missed.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Changes a watcher may fall behind before it is told it lagged.
+    pub change_buffer: usize,
+}
+
+/// Consumer groups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupsSection {
+    /// Partitions of a new group (fixed at the group's first use).
+    pub partitions: u32,
+    /// A partition lease not renewed for this long is free for other members.
+    #[serde(with = "humantime_serde")]
+    pub lease_timeout: Duration,
+    /// How often members renew leases and rebalance.
+    #[serde(with = "humantime_serde")]
+    pub renew_interval: Duration,
+}
+
+impl Default for LiveSection {
+    fn default() -> Self {
+        LiveSection {
+            buffer: 256,
+            page_size: 1000,
+            heartbeat_interval: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(5),
+            change_buffer: 1024,
+        }
+    }
+}
+
+impl Default for GroupsSection {
+    fn default() -> Self {
+        GroupsSection {
+            partitions: 8,
+            lease_timeout: Duration::from_secs(30),
+            renew_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Logging.
@@ -123,6 +182,8 @@ impl Default for Config {
             writer: WriterSection::default(),
             limits: Limits::default(),
             server: ServerSection::default(),
+            live: LiveSection::default(),
+            groups: GroupsSection::default(),
         }
     }
 }
@@ -303,7 +364,39 @@ impl Config {
                 "must be at least limits.max_event_bytes".into(),
             );
         }
+        let live = &self.live;
+        if live.buffer == 0 || live.page_size == 0 || live.change_buffer == 0 {
+            return bad("live", "buffer, page_size and change_buffer must be at least 1".into());
+        }
+        if live.heartbeat_interval.is_zero() || live.poll_interval.is_zero() {
+            return bad("live", "intervals must be positive".into());
+        }
+        let g = &self.groups;
+        if g.partitions == 0 || g.partitions > 4096 {
+            return bad("groups.partitions", "must be between 1 and 4096".into());
+        }
+        if g.renew_interval.is_zero() || g.lease_timeout <= g.renew_interval {
+            return bad(
+                "groups.lease_timeout",
+                "must be longer than groups.renew_interval (which must be positive)".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// Live-delivery settings.
+    pub fn live_config(&self) -> crate::live::subscribe::LiveConfig {
+        crate::live::subscribe::LiveConfig {
+            page_size: self.live.page_size,
+            buffer: self.live.buffer,
+            heartbeat: self.live.heartbeat_interval,
+            poll_interval: self.live.poll_interval,
+            groups: crate::live::groups::GroupConfig {
+                partitions: self.groups.partitions,
+                lease_timeout: self.groups.lease_timeout,
+                renew_interval: self.groups.renew_interval,
+            },
+        }
     }
 
     /// The gRPC listen address.

@@ -6,6 +6,8 @@
 //! - [`grpc`]: the `pgstore.v1.EventStore` service: request validation, proto <-> domain, status codes.
 //! - [`store`]: everything that talks to PostgreSQL: migrations, the group-commit writer, reads,
 //!   stream lifecycle, snapshots and checkpoints.
+//! - [`live`]: the LISTEN connection, subscriptions, consumer groups and change watchers.
+//! - [`metrics`]: per-instance counters and gauges, served on `/metrics`.
 //! - [`embedded`]: a local PostgreSQL cluster managed by pgstore when no database URL is given.
 //! - [`error`]: the domain error type and its one mapping to gRPC status codes.
 
@@ -13,6 +15,8 @@ pub mod config;
 pub mod embedded;
 pub mod error;
 pub mod grpc;
+pub mod live;
+pub mod metrics;
 pub mod server;
 pub mod store;
 

@@ -1,6 +1,6 @@
 //! The `pgstore` command: `serve` and `migrate`.
 
-use std::path::PathBuf;
+use std::{io::IsTerminal, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 use pgstore::config::{Config, Overrides, parse_database_url};
@@ -47,7 +47,9 @@ enum Command {
 
 fn init_tracing(format: &str, level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     if format == "json" {
         builder.json().init();
     } else {

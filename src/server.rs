@@ -1,7 +1,7 @@
 //! Wiring: the database (given or embedded), the store, the gRPC services (event store, health,
 //! reflection) and graceful shutdown.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use http::{HeaderValue, Response};
 use tokio::net::TcpListener;
@@ -13,11 +13,19 @@ use crate::config::{Config, parse_database_url};
 use crate::embedded::Embedded;
 use crate::error::{Error, Result};
 use crate::grpc::EventStoreService;
+use crate::live::{
+    Hub,
+    listener::{self, ListenerConfig},
+    subscribe::LiveContext,
+};
+use crate::metrics::Metrics;
 use crate::proto::{self, event_store_server::EventStoreServer};
 use crate::store::{Store, StoreConfig};
 
 /// The service name health reports for the event store.
 pub const SERVICE_NAME: &str = "pgstore.v1.EventStore";
+/// The health service name that reports whether the LISTEN connection is up.
+pub const LISTENER_SERVICE: &str = "pgstore.listener";
 
 /// Serves pgstore on `listener` until `shutdown` completes, then stops accepting calls, lets
 /// in-flight calls finish (for at most the configured grace period), commits the appends already
@@ -66,10 +74,58 @@ async fn serve(
         events_channel: config.database.events_channel.clone(),
         writer: config.writer_config(),
     };
+    let metrics = Arc::new(Metrics::default());
     tokio::pin!(shutdown);
     let (store, writer) = tokio::select! {
-        r = open_store(store_config, writer_stop.clone()) => r?,
+        r = open_store(store_config.clone(), metrics.clone(), writer_stop.clone()) => r?,
         _ = &mut shutdown => return Ok(()),
+    };
+    let stop_background = CancellationToken::new();
+    let mut background = tokio::task::JoinSet::new();
+
+    // Live delivery: one LISTEN connection feeding the hub; this instance's own commits wake
+    // local subscribers at once, without waiting for the notification's round trip.
+    let hub = Hub::new(metrics.clone(), config.live.change_buffer);
+    background.spawn(listener::run(
+        ListenerConfig {
+            primary: store_config.primary.clone(),
+            events_channel: config.database.events_channel.clone(),
+            changes_channel: config.database.changes_channel.clone(),
+        },
+        hub.clone(),
+        stop_background.clone(),
+    ));
+    {
+        let mut committed = store.committed_head();
+        let hub = hub.clone();
+        let stop = stop_background.clone();
+        background.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = committed.changed() => if r.is_err() { return },
+                }
+                let head = *committed.borrow_and_update();
+                hub.advance(head);
+            }
+        });
+    }
+    if let Some(addr) = &config.metrics_listen {
+        let listener = TcpListener::bind(addr.as_str())
+            .await
+            .map_err(|e| Error::invalid("metrics_listen", format!("cannot bind {addr}: {e}")))?;
+        background.spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            stop_background.clone(),
+        ));
+    }
+    let streams_stop = CancellationToken::new();
+    let live = LiveContext {
+        store: store.clone(),
+        hub: hub.clone(),
+        config: config.live_config(),
+        shutdown: streams_stop.clone(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -77,9 +133,9 @@ async fn serve(
     health
         .set_serving::<EventStoreServer<EventStoreService>>()
         .await;
-    let stop_background = CancellationToken::new();
-    let health_task = tokio::spawn(watch_health(
+    background.spawn(watch_health(
         store.clone(),
+        hub.clone(),
         health.clone(),
         config.server.health_interval,
         stop_background.clone(),
@@ -101,7 +157,12 @@ async fn serve(
 
     let max_message = config.limits.max_append_bytes.saturating_mul(2);
     let service =
-        EventStoreServer::new(EventStoreService::new(store.clone(), config.limits.clone()))
+        EventStoreServer::new(EventStoreService::new(
+            store.clone(),
+            config.limits.clone(),
+            live,
+            config.database.changes_channel.clone(),
+        ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(usize::MAX);
 
@@ -125,6 +186,8 @@ async fn serve(
             tracing::info!("shutting down: finishing in-flight calls");
             health.set_service_status("", ServingStatus::NotServing).await;
             health.set_not_serving::<EventStoreServer<EventStoreService>>().await;
+            // Streams never finish by themselves: end them (UNAVAILABLE) so the drain can.
+            streams_stop.cancel();
             stop_serving.cancel();
             match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
                 Ok(r) => r,
@@ -135,10 +198,11 @@ async fn serve(
             }
         }
     };
+    streams_stop.cancel();
     stop_background.cancel();
     writer_stop.cancel();
     let _ = writer.await;
-    let _ = health_task.await;
+    while background.join_next().await.is_some() {}
     tracing::info!("pgstore stopped");
     served.map_err(|e| Error::Internal(format!("server: {e}")))
 }
@@ -146,11 +210,12 @@ async fn serve(
 /// Opens the store, waiting for the database to come up (a sidecar often starts first).
 async fn open_store(
     config: StoreConfig,
+    metrics: Arc<Metrics>,
     writer_stop: CancellationToken,
 ) -> Result<(Store, tokio::task::JoinHandle<()>)> {
     let mut delay = Duration::from_millis(200);
     loop {
-        match Store::open(config.clone(), writer_stop.clone()).await {
+        match Store::open(config.clone(), metrics.clone(), writer_stop.clone()).await {
             Err(Error::Unavailable(why)) => {
                 tracing::warn!(error = %why, retry_in = ?delay, "database not reachable yet");
                 tokio::time::sleep(delay).await;
@@ -161,18 +226,27 @@ async fn open_store(
     }
 }
 
-/// Probes the primary and reports SERVING / NOT_SERVING.
+/// Probes the primary and reports SERVING / NOT_SERVING for the server and the event store;
+/// reports the LISTEN connection's state as the service `pgstore.listener`.
 async fn watch_health(
     store: Store,
+    hub: Arc<Hub>,
     health: tonic_health::server::HealthReporter,
     every: Duration,
     stop: CancellationToken,
 ) {
     let mut serving = true;
+    let mut listener_up = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+        let up = hub.is_connected();
+        if listener_up != Some(up) {
+            listener_up = Some(up);
+            let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(LISTENER_SERVICE, status).await;
         }
         let ok = tokio::time::timeout(every.max(Duration::from_secs(1)), store.ping())
             .await

@@ -3,13 +3,24 @@
 
 pub mod validate;
 
-use std::{collections::HashMap, pin::Pin};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+};
 
-use tokio_stream::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::config::Limits;
 use crate::error::Error;
+use crate::live::{
+    Change,
+    subscribe::{self, LiveContext, Subscription},
+    watch,
+};
+use crate::metrics::Metrics;
 use crate::proto::{self, event_store_server::EventStore};
 use crate::store::{
     Payload, RecordedEvent, Store, StreamState, checkpoints, db, lifecycle, read, snapshots,
@@ -25,12 +36,104 @@ pub struct EventStoreService {
     store: Store,
     /// Input limits.
     limits: Limits,
+    /// Live delivery: hub, settings, shutdown signal.
+    live: LiveContext,
+    /// The NOTIFY channel of projection changes.
+    changes_channel: String,
+}
+
+/// The largest NOTIFY payload PostgreSQL accepts is 7999 bytes.
+pub const MAX_NOTIFY_BYTES: usize = 7999;
+
+/// A server stream fed by a task through a bounded channel; counts what waits in the channel
+/// (the subscriber buffer gauge) and settles the count when the client goes away.
+pub struct BufferedStream<T> {
+    rx: mpsc::Receiver<Result<T, Status>>,
+    metrics: Arc<Metrics>,
+}
+
+impl<T> Stream for BufferedStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let polled = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(_)) = &polled {
+            self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T> Drop for BufferedStream<T> {
+    fn drop(&mut self) {
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {
+            self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl EventStoreService {
     /// A service over `store`.
-    pub fn new(store: Store, limits: Limits) -> Self {
-        EventStoreService { store, limits }
+    pub fn new(store: Store, limits: Limits, live: LiveContext, changes_channel: String) -> Self {
+        EventStoreService {
+            store,
+            limits,
+            live,
+            changes_channel,
+        }
+    }
+
+    /// Validates a Subscribe request and resolves where it starts.
+    async fn subscription(&self, r: proto::SubscribeRequest) -> Result<Subscription, Error> {
+        use proto::subscribe_request::Start;
+        validate::event_types(&r.event_types, &self.limits)?;
+        if r.stream_prefix.len() > self.limits.max_stream_id_bytes {
+            return Err(Error::invalid("stream_prefix", "longer than a stream id may be"));
+        }
+        let group = match (r.group.is_empty(), r.member.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                validate::name("group", &r.group, self.limits.max_stream_id_bytes)?;
+                validate::name("member", &r.member, self.limits.max_stream_id_bytes)?;
+                if r.group.contains('/') {
+                    return Err(Error::invalid("group", "must not contain '/'"));
+                }
+                if r.start.is_some() {
+                    return Err(Error::invalid(
+                        "start",
+                        "a group member starts each partition after its checkpoint; leave start empty",
+                    ));
+                }
+                Some((r.group, r.member))
+            }
+            _ => return Err(Error::invalid("group", "group and member go together")),
+        };
+        let from = match r.start {
+            None => 1,
+            Some(Start::FromSequence(s)) => {
+                validate::position("from_sequence", s)?;
+                s.max(1)
+            }
+            Some(Start::ConsumerId(id)) => {
+                validate::name("consumer_id", &id, self.limits.max_stream_id_bytes)?;
+                let cp = checkpoints::load(&mut *self.conn().await?, &id).await?;
+                cp.map_or(1, |(seq, _)| seq + 1)
+            }
+            Some(Start::FromEnd(true)) => read::latest_sequence(&mut *self.conn().await?).await? + 1,
+            Some(Start::FromEnd(false)) => {
+                return Err(Error::invalid("from_end", "must be true when set"));
+            }
+        };
+        Ok(Subscription {
+            from,
+            event_types: r.event_types,
+            stream_prefix: r.stream_prefix,
+            group,
+        })
     }
 
     async fn conn(&self) -> Result<db::PooledConn<'_>, Error> {
@@ -60,6 +163,7 @@ pub fn recorded(e: RecordedEvent) -> proto::RecordedEvent {
         timestamp: Some(e.created_at.into()),
         recorded_at: Some(e.recorded_at.into()),
         partition_key: e.partition_key,
+        partition: 0,
     }
 }
 
@@ -132,6 +236,7 @@ impl EventStore for EventStoreService {
             limit: validate::page_size(r.limit, &self.limits),
             event_types: r.event_types,
             stream_prefix: r.stream_prefix,
+            partitions: None,
         };
         let page = read::read_from(&mut *self.conn().await?, &q).await?;
         Ok(Response::new(proto::ReadFromResponse {
@@ -152,13 +257,21 @@ impl EventStore for EventStoreService {
 
     type SubscribeStream = ResponseStream<proto::SubscribeResponse>;
 
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, member = %req.get_ref().member))]
     async fn subscribe(
         &self,
-        _req: Request<proto::SubscribeRequest>,
+        req: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(Status::unimplemented(
-            "Subscribe is not available in this build",
-        ))
+        if self.live.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown.into());
+        }
+        let sub = self.subscription(req.into_inner()).await?;
+        let (tx, rx) = mpsc::channel(self.live.config.buffer);
+        tokio::spawn(subscribe::run(self.live.clone(), sub, tx));
+        Ok(Response::new(Box::pin(BufferedStream {
+            rx,
+            metrics: self.live.hub.metrics.clone(),
+        })))
     }
 
     #[tracing::instrument(skip_all, fields(consumer_id = %req.get_ref().consumer_id))]
@@ -354,24 +467,64 @@ impl EventStore for EventStoreService {
         }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn publish_change(
         &self,
-        _req: Request<proto::PublishChangeRequest>,
+        req: Request<proto::PublishChangeRequest>,
     ) -> Result<Response<proto::PublishChangeResponse>, Status> {
-        Err(Status::unimplemented(
-            "PublishChange is not available in this build",
-        ))
+        let c = req
+            .into_inner()
+            .change
+            .ok_or_else(|| Error::invalid("change", "is required"))?;
+        validate::name(
+            "change.projection",
+            &c.projection,
+            self.limits.max_stream_id_bytes,
+        )?;
+        if c.key.contains('\0') || c.payload.contains('\0') {
+            return Err(Error::invalid("change", "must not contain NUL characters").into());
+        }
+        validate::position("change.sequence", c.sequence)?;
+        let notice = serde_json::to_string(&Change {
+            projection: c.projection,
+            key: c.key,
+            payload: c.payload,
+            sequence: c.sequence,
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        if notice.len() > MAX_NOTIFY_BYTES {
+            return Err(Error::TooLarge {
+                what: "change notice (projection, key and payload as JSON; PostgreSQL NOTIFY limit)"
+                    .into(),
+                limit: MAX_NOTIFY_BYTES,
+                actual: notice.len(),
+            }
+            .into());
+        }
+        let conn = self.conn().await?;
+        conn.client
+            .execute("SELECT pg_notify($1, $2)", &[&self.changes_channel, &notice])
+            .await
+            .map_err(db::db_err)?;
+        Ok(Response::new(proto::PublishChangeResponse {}))
     }
 
     type WatchChangesStream = ResponseStream<proto::WatchChangesResponse>;
 
     async fn watch_changes(
         &self,
-        _req: Request<proto::WatchChangesRequest>,
+        req: Request<proto::WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchChanges is not available in this build",
-        ))
+        if self.live.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown.into());
+        }
+        let r = req.into_inner();
+        for p in &r.projections {
+            validate::name("projections", p, self.limits.max_stream_id_bytes)?;
+        }
+        let (tx, rx) = mpsc::channel(self.live.config.buffer);
+        tokio::spawn(watch::run(self.live.clone(), r.projections, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     type LockStream = ResponseStream<proto::LockResponse>;

@@ -238,6 +238,7 @@ impl Store {
     /// `shutdown` is cancelled, after finishing the appends it was given.
     pub async fn open(
         config: StoreConfig,
+        metrics: Arc<crate::metrics::Metrics>,
         shutdown: CancellationToken,
     ) -> Result<(Store, JoinHandle<()>)> {
         let mut conn = db::connect(&config.primary).await.map_err(db::db_err)?;
@@ -248,6 +249,7 @@ impl Store {
             config.primary.clone(),
             config.events_channel.clone(),
             config.writer.clone(),
+            metrics,
             shutdown,
         );
         Ok((
@@ -266,6 +268,11 @@ impl Store {
     /// Appends through the group-commit writer.
     pub async fn append(&self, cmd: AppendCommand) -> Result<AppendOutcome> {
         self.inner.writer.append(cmd).await
+    }
+
+    /// The head this instance's writer last committed.
+    pub fn committed_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.writer.committed_head()
     }
 
     /// Checks that the primary answers.

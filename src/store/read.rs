@@ -52,6 +52,7 @@ const READ_FROM: &str = concat!(
         WHERE e.seq >= $1 AND e.seq <= h.seq \
           AND (cardinality($2::text[]) = 0 OR e.event_type = ANY($2)) \
           AND ($3 = '' OR starts_with(e.stream_id, $3)) \
+          AND (cardinality($5::int[]) = 0 OR (e.partition_key % $6)::int = ANY($5)) \
         ORDER BY e.seq LIMIT $4) e ON true \
      ORDER BY e.seq"
 );
@@ -97,6 +98,17 @@ pub struct ReadQuery {
     pub event_types: Vec<String>,
     /// Stream id prefix filter (empty = all).
     pub stream_prefix: String,
+    /// Consumer-group partition filter (None = all).
+    pub partitions: Option<Partitions>,
+}
+
+/// Only events whose `partition_key % count` is one of `owned`.
+#[derive(Debug, Clone)]
+pub struct Partitions {
+    /// The group's partition count.
+    pub count: u32,
+    /// The partitions wanted (must not be empty).
+    pub owned: Vec<u32>,
 }
 
 /// A page of the global log.
@@ -161,9 +173,19 @@ pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
     let stmt = conn.stmt(READ_FROM).await.map_err(db_err)?;
     let from = q.from_sequence.max(1) as i64;
     let limit = i64::from(q.limit);
+    let (owned, count): (Vec<i32>, i64) = match &q.partitions {
+        Some(p) => (
+            p.owned.iter().map(|x| *x as i32).collect(),
+            i64::from(p.count.max(1)),
+        ),
+        None => (Vec::new(), 1),
+    };
     let rows = conn
         .client
-        .query(&stmt, &[&from, &q.event_types, &q.stream_prefix, &limit])
+        .query(
+            &stmt,
+            &[&from, &q.event_types, &q.stream_prefix, &limit, &owned, &count],
+        )
         .await
         .map_err(db_err)?;
     let head = rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64);

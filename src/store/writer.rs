@@ -16,6 +16,7 @@
 
 use std::{
     collections::HashMap,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -35,6 +36,7 @@ use super::{
     partition_key,
 };
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 
 /// Group-commit settings.
 #[derive(Debug, Clone)]
@@ -95,6 +97,7 @@ pub fn spawn(
     config: tokio_postgres::Config,
     channel: String,
     settings: WriterConfig,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (Handle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(settings.queue_depth);
@@ -105,6 +108,7 @@ pub fn spawn(
         settings,
         conn: None,
         head: head_tx,
+        metrics,
     };
     let task = tokio::spawn(writer.run(rx, shutdown));
     (Handle { tx, head }, task)
@@ -116,6 +120,7 @@ struct Writer {
     settings: WriterConfig,
     conn: Option<PgConn>,
     head: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
 }
 
 const BEGIN: &str = "BEGIN";
@@ -226,6 +231,8 @@ impl Writer {
         let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
         match self.try_commit(&cmds).await {
             Ok(results) => {
+                let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+                self.metrics.appends.fetch_add(ok, Ordering::Relaxed);
                 for (req, res) in batch.into_iter().zip(results) {
                     let _ = req.reply.send(res);
                 }
@@ -285,6 +292,10 @@ impl Writer {
         }
         match write_and_commit(conn, &rows, &keys, new_head, &channel).await {
             Ok(()) => {
+                self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .events_written
+                    .fetch_add(rows.seq.len() as u64, Ordering::Relaxed);
                 self.head.send_replace(new_head);
                 Ok(results)
             }

@@ -1,0 +1,115 @@
+//! Live delivery: the one LISTEN connection per instance, the hub that fans its notifications out
+//! (log heads through a `watch`, projection changes through a `broadcast`), subscriptions, consumer
+//! groups and change watchers.
+
+pub mod groups;
+pub mod listener;
+pub mod subscribe;
+pub mod watch;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch as tokio_watch};
+
+use crate::metrics::Metrics;
+
+/// A projection-change notice as it travels through NOTIFY (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The projection.
+    pub projection: String,
+    /// The key that changed.
+    pub key: String,
+    /// Optional payload.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub payload: String,
+    /// The sequence it reflects (0 = unknown).
+    #[serde(default)]
+    pub sequence: u64,
+}
+
+/// The fan-out point of one instance.
+pub struct Hub {
+    /// The highest committed global sequence this instance knows of. Latest value wins: a
+    /// subscriber that misses intermediate values still reads from its own position.
+    head: tokio_watch::Sender<u64>,
+    /// Projection changes; receivers that fall behind get `Lagged`.
+    changes: broadcast::Sender<Change>,
+    /// Whether the LISTEN connection is up.
+    connected: tokio_watch::Sender<bool>,
+    /// Bumped after every (re)connection of the listener, so every subscriber re-reads.
+    epoch: tokio_watch::Sender<u64>,
+    /// The instance's metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    /// A hub; `change_capacity` bounds how far a watcher may fall behind.
+    pub fn new(metrics: Arc<Metrics>, change_capacity: usize) -> Arc<Hub> {
+        Arc::new(Hub {
+            head: tokio_watch::channel(0).0,
+            changes: broadcast::channel(change_capacity.max(1)).0,
+            connected: tokio_watch::channel(false).0,
+            epoch: tokio_watch::channel(0).0,
+            metrics,
+        })
+    }
+
+    /// Raises the known head (never lowers it); wakes subscribers when it moved.
+    pub fn advance(&self, head: u64) {
+        self.head.send_if_modified(|h| {
+            if head > *h {
+                *h = head;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The known head.
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// A receiver woken whenever the head moves.
+    pub fn watch_head(&self) -> tokio_watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// A receiver woken after every listener (re)connection.
+    pub fn watch_epoch(&self) -> tokio_watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    /// A receiver of projection changes.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Relays a change to local watchers.
+    pub fn publish_local(&self, change: Change) {
+        let _ = self.changes.send(change);
+    }
+
+    /// Whether the listener is connected.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// A receiver of the listener's connection state.
+    pub fn watch_connected(&self) -> tokio_watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.send_replace(up);
+        self.metrics
+            .listener_connected
+            .store(i64::from(up), std::sync::atomic::Ordering::Relaxed);
+        if up {
+            self.epoch.send_modify(|e| *e += 1);
+        }
+    }
+}
