@@ -366,7 +366,10 @@ impl Config {
         }
         let live = &self.live;
         if live.buffer == 0 || live.page_size == 0 || live.change_buffer == 0 {
-            return bad("live", "buffer, page_size and change_buffer must be at least 1".into());
+            return bad(
+                "live",
+                "buffer, page_size and change_buffer must be at least 1".into(),
+            );
         }
         if live.heartbeat_interval.is_zero() || live.poll_interval.is_zero() {
             return bad("live", "intervals must be positive".into());

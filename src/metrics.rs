@@ -77,24 +77,96 @@ impl Metrics {
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed) as i64;
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
         let rows: [(&str, &str, &str, i64); 14] = [
-            ("pgstore_appends_total", "counter", "Appends answered OK.", c(&self.appends)),
-            ("pgstore_events_written_total", "counter", "Events written.", c(&self.events_written)),
-            ("pgstore_write_batches_total", "counter", "Group commits.", c(&self.batches)),
-            ("pgstore_listener_connected", "gauge", "1 while the LISTEN connection is up.", g(&self.listener_connected)),
-            ("pgstore_listener_reconnects_total", "counter", "LISTEN reconnections.", c(&self.listener_reconnects)),
-            ("pgstore_notifications_total", "counter", "Notifications received.", c(&self.notifications)),
-            ("pgstore_subscribers", "gauge", "Open Subscribe streams.", g(&self.subscribers)),
-            ("pgstore_watchers", "gauge", "Open WatchChanges streams.", g(&self.watchers)),
-            ("pgstore_locks", "gauge", "Open Lock streams.", g(&self.locks)),
-            ("pgstore_stream_tasks", "gauge", "Tasks serving streams.", g(&self.stream_tasks)),
-            ("pgstore_events_delivered_total", "counter", "Events delivered to subscribers.", c(&self.events_delivered)),
-            ("pgstore_subscriber_buffered", "gauge", "Messages waiting in subscriber buffers.", g(&self.buffered)),
-            ("pgstore_changes_relayed_total", "counter", "Changes relayed to watchers.", c(&self.changes_relayed)),
-            ("pgstore_changes_lagged_total", "counter", "Changes dropped for lagging watchers.", c(&self.changes_lagged)),
+            (
+                "pgstore_appends_total",
+                "counter",
+                "Appends answered OK.",
+                c(&self.appends),
+            ),
+            (
+                "pgstore_events_written_total",
+                "counter",
+                "Events written.",
+                c(&self.events_written),
+            ),
+            (
+                "pgstore_write_batches_total",
+                "counter",
+                "Group commits.",
+                c(&self.batches),
+            ),
+            (
+                "pgstore_listener_connected",
+                "gauge",
+                "1 while the LISTEN connection is up.",
+                g(&self.listener_connected),
+            ),
+            (
+                "pgstore_listener_reconnects_total",
+                "counter",
+                "LISTEN reconnections.",
+                c(&self.listener_reconnects),
+            ),
+            (
+                "pgstore_notifications_total",
+                "counter",
+                "Notifications received.",
+                c(&self.notifications),
+            ),
+            (
+                "pgstore_subscribers",
+                "gauge",
+                "Open Subscribe streams.",
+                g(&self.subscribers),
+            ),
+            (
+                "pgstore_watchers",
+                "gauge",
+                "Open WatchChanges streams.",
+                g(&self.watchers),
+            ),
+            (
+                "pgstore_locks",
+                "gauge",
+                "Open Lock streams.",
+                g(&self.locks),
+            ),
+            (
+                "pgstore_stream_tasks",
+                "gauge",
+                "Tasks serving streams.",
+                g(&self.stream_tasks),
+            ),
+            (
+                "pgstore_events_delivered_total",
+                "counter",
+                "Events delivered to subscribers.",
+                c(&self.events_delivered),
+            ),
+            (
+                "pgstore_subscriber_buffered",
+                "gauge",
+                "Messages waiting in subscriber buffers.",
+                g(&self.buffered),
+            ),
+            (
+                "pgstore_changes_relayed_total",
+                "counter",
+                "Changes relayed to watchers.",
+                c(&self.changes_relayed),
+            ),
+            (
+                "pgstore_changes_lagged_total",
+                "counter",
+                "Changes dropped for lagging watchers.",
+                c(&self.changes_lagged),
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
         }
         out
     }

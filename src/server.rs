@@ -156,15 +156,14 @@ async fn serve(
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
     let max_message = config.limits.max_append_bytes.saturating_mul(2);
-    let service =
-        EventStoreServer::new(EventStoreService::new(
-            store.clone(),
-            config.limits.clone(),
-            live,
-            config.database.changes_channel.clone(),
-        ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(usize::MAX);
+    let service = EventStoreServer::new(EventStoreService::new(
+        store.clone(),
+        config.limits.clone(),
+        live,
+        config.database.changes_channel.clone(),
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(usize::MAX);
 
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -245,7 +244,11 @@ async fn watch_health(
         let up = hub.is_connected();
         if listener_up != Some(up) {
             listener_up = Some(up);
-            let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             health.set_service_status(LISTENER_SERVICE, status).await;
         }
         let ok = tokio::time::timeout(every.max(Duration::from_secs(1)), store.ping())

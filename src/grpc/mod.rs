@@ -92,7 +92,10 @@ impl EventStoreService {
         use proto::subscribe_request::Start;
         validate::event_types(&r.event_types, &self.limits)?;
         if r.stream_prefix.len() > self.limits.max_stream_id_bytes {
-            return Err(Error::invalid("stream_prefix", "longer than a stream id may be"));
+            return Err(Error::invalid(
+                "stream_prefix",
+                "longer than a stream id may be",
+            ));
         }
         let group = match (r.group.is_empty(), r.member.is_empty()) {
             (true, true) => None,
@@ -123,7 +126,9 @@ impl EventStoreService {
                 let cp = checkpoints::load(&mut *self.conn().await?, &id).await?;
                 cp.map_or(1, |(seq, _)| seq + 1)
             }
-            Some(Start::FromEnd(true)) => read::latest_sequence(&mut *self.conn().await?).await? + 1,
+            Some(Start::FromEnd(true)) => {
+                read::latest_sequence(&mut *self.conn().await?).await? + 1
+            }
             Some(Start::FromEnd(false)) => {
                 return Err(Error::invalid("from_end", "must be true when set"));
             }
@@ -494,8 +499,9 @@ impl EventStore for EventStoreService {
         .map_err(|e| Error::Internal(e.to_string()))?;
         if notice.len() > MAX_NOTIFY_BYTES {
             return Err(Error::TooLarge {
-                what: "change notice (projection, key and payload as JSON; PostgreSQL NOTIFY limit)"
-                    .into(),
+                what:
+                    "change notice (projection, key and payload as JSON; PostgreSQL NOTIFY limit)"
+                        .into(),
                 limit: MAX_NOTIFY_BYTES,
                 actual: notice.len(),
             }
@@ -503,7 +509,10 @@ impl EventStore for EventStoreService {
         }
         let conn = self.conn().await?;
         conn.client
-            .execute("SELECT pg_notify($1, $2)", &[&self.changes_channel, &notice])
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&self.changes_channel, &notice],
+            )
             .await
             .map_err(db::db_err)?;
         Ok(Response::new(proto::PublishChangeResponse {}))

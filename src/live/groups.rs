@@ -48,7 +48,8 @@ const RELEASE: &str = "UPDATE pgstore.group_partitions SET owner = NULL, lease_u
      WHERE group_name = $1 AND owner = $2 AND partition = ANY($3)";
 const RELEASE_ALL: &str = "UPDATE pgstore.group_partitions SET owner = NULL, lease_until = NULL \
      WHERE group_name = $1 AND owner = $2";
-const LEAVE: &str = "DELETE FROM pgstore.group_members WHERE group_name = $1 AND member = $2 AND token = $3";
+const LEAVE: &str =
+    "DELETE FROM pgstore.group_members WHERE group_name = $1 AND member = $2 AND token = $3";
 const CLAIM: &str = "WITH free AS ( \
        SELECT partition FROM pgstore.group_partitions \
        WHERE group_name = $1 AND (owner IS NULL OR lease_until < now()) \
@@ -80,7 +81,8 @@ pub async fn run_member(
     let mut owned: Vec<u32> = Vec::new();
     let mut published = false;
     loop {
-        let under_share = match tick(&store, &config, &group, &member, token, count, &mut owned).await
+        let under_share = match tick(&store, &config, &group, &member, token, count, &mut owned)
+            .await
         {
             Ok(under) => {
                 if !published || owned_tx.borrow().as_deref() != Some(&owned[..]) {

@@ -139,7 +139,10 @@ pub async fn run(ctx: LiveContext, sub: Subscription, tx: Tx) {
 /// Next sequence to deliver: one for a plain subscription, one per owned partition in a group.
 enum Positions {
     Single(u64),
-    Partitions { count: u32, next: BTreeMap<u32, u64> },
+    Partitions {
+        count: u32,
+        next: BTreeMap<u32, u64>,
+    },
 }
 
 impl Positions {
@@ -229,7 +232,8 @@ async fn deliver(
                     if !caught_up {
                         caught_up = true;
                         let sequence = pos.from().map_or(hub.head(), |p| p - 1);
-                        sink.send(Message::CaughtUp(proto::CaughtUp { sequence })).await?;
+                        sink.send(Message::CaughtUp(proto::CaughtUp { sequence }))
+                            .await?;
                     }
                 }
                 Err(ReadError::Stop(s)) => return Err(s),
@@ -303,7 +307,9 @@ async fn catch_up(
         };
         let page = {
             let mut conn = db::get(ctx.store.pool()).await.map_err(ReadError::Db)?;
-            read::read_from(&mut conn, &q).await.map_err(ReadError::Db)?
+            read::read_from(&mut conn, &q)
+                .await
+                .map_err(ReadError::Db)?
         };
         ctx.hub.advance(page.head);
         let full = page.events.len() >= q.limit as usize;

@@ -184,7 +184,14 @@ pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
         .client
         .query(
             &stmt,
-            &[&from, &q.event_types, &q.stream_prefix, &limit, &owned, &count],
+            &[
+                &from,
+                &q.event_types,
+                &q.stream_prefix,
+                &limit,
+                &owned,
+                &count,
+            ],
         )
         .await
         .map_err(db_err)?;
