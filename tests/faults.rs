@@ -26,6 +26,8 @@ fn spawn_pgstore(url: &str, port: u16) -> Child {
         ])
         .env("PGSTORE_LOG__LEVEL", "warn")
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("start pgstore")
 }

@@ -160,12 +160,11 @@ async fn three_subscribers_get_every_event_once_in_order_under_16_writers() {
             collect(&mut from_end, &mut e, last, Duration::from_secs(120)),
         )
     };
-    let (_, written) = tokio::join!(reading, async {
+    tokio::join!(reading, async {
         for w in writers {
             w.await.unwrap();
         }
     });
-    let _ = written;
     let all = read_all(&mut c).await;
     assert_eq!(all.len(), 100 + total_events);
     assert_exact(&a, &all, 1, "from 0");

@@ -181,6 +181,14 @@ async fn run_group(
         Ok(Err(e)) => return Err(fail(e)),
         Err(_) => return Err(Stop::Fail(Status::internal("group manager ended"))),
     };
+    // Deliver nothing before the first assignment.
+    tokio::select! {
+        r = owned_rx.wait_for(Option::is_some) => if r.is_err() {
+            return Err(Stop::Fail(Status::internal("group manager ended")));
+        },
+        _ = sink.tx.closed() => return Err(Stop::Gone),
+        _ = ctx.shutdown.cancelled() => return Err(shutting_down()),
+    }
     let mut pos = Positions::Partitions {
         count,
         next: BTreeMap::new(),
@@ -204,15 +212,16 @@ async fn deliver(
     let mut epoch_rx = hub.watch_epoch();
     let mut caught_up = false;
     let mut must_read = true;
+    // A group member starts with its first assignment.
+    let mut reassign_needed = group.is_some();
     let mut retry_delay = Duration::from_millis(50);
     loop {
         // Mark the current wake-up values seen before reading, so a commit during the read wakes
         // us again.
         head_rx.borrow_and_update();
         epoch_rx.borrow_and_update();
-        if let Some((group_name, owned_rx)) = group.as_mut()
-            && owned_rx.has_changed().unwrap_or(false)
-        {
+        if reassign_needed && let Some((group_name, owned_rx)) = group.as_mut() {
+            reassign_needed = false;
             let owned = owned_rx.borrow_and_update().clone().unwrap_or_default();
             reassign(ctx, group_name, pos, &owned).await.map_err(fail)?;
             if let Positions::Partitions { count, .. } = pos {
@@ -264,7 +273,7 @@ async fn deliver(
         tokio::select! {
             _ = head_rx.changed() => {}
             _ = epoch_rx.changed() => must_read = true,
-            _ = owned_changed => {}
+            _ = owned_changed => reassign_needed = true,
             _ = tokio::time::sleep(ctx.config.poll_interval) => must_read = true,
             _ = tokio::time::sleep_until(heartbeat_at) => {
                 sink.send(Message::Heartbeat(proto::Heartbeat { head: hub.head() })).await?;

@@ -10,8 +10,14 @@ use crate::store::db::db_err;
 const MIGRATION_LOCK: i64 = 0x7067_7374_6f72_6501;
 
 /// The migrations, in order: (version, name, SQL).
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "groups",
+        include_str!("../../migrations/0002_groups.sql"),
+    ),
+];
 
 /// Applies every migration not applied yet. Returns how many were applied.
 pub async fn migrate(client: &mut Client) -> Result<usize> {

@@ -304,3 +304,64 @@ pub fn json_of(e: &proto::RecordedEvent) -> serde_json::Value {
         other => panic!("not a JSON payload: {other:?}"),
     }
 }
+
+/// A pgstore process (the real binary), killed when dropped so a failing test leaves nothing
+/// running.
+pub struct Process {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Process {
+    /// Starts `pgstore serve` on a free port with `args` and `env`; output goes nowhere.
+    pub fn spawn(args: &[&str], env: &[(&str, String)]) -> Process {
+        let port = free_port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgstore"));
+        cmd.arg("serve")
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("PGSTORE_LOG__LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Process {
+            child: cmd.spawn().expect("start pgstore"),
+            port,
+        }
+    }
+
+    /// A client, once the process answers.
+    pub async fn client(&self) -> Client {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) =
+                EventStoreClient::connect(format!("http://127.0.0.1:{}", self.port)).await
+                && c.latest_sequence(proto::LatestSequenceRequest::default())
+                    .await
+                    .is_ok()
+            {
+                return c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pgstore did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
