@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -28,6 +28,54 @@ struct Cli {
 enum Scenario {
     /// N clients append, each waiting for its answer before the next append.
     Append(AppendArgs),
+    /// Catch-up of the whole log through ReadFrom paging and through Subscribe from 0.
+    Read(ReadArgs),
+    /// S live subscribers while appends arrive at a fixed rate: delivery latency.
+    Live(LiveArgs),
+    /// K idle subscriptions held open: server memory per subscriber.
+    Idle(IdleArgs),
+}
+
+#[derive(Args, Clone)]
+struct ReadArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Make sure the log holds at least this many events first (appending the rest).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Page size of ReadFrom / the raw keyset query.
+    #[arg(long, default_value_t = 1000)]
+    page: u32,
+    /// Payload size per loaded event, in bytes.
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+}
+
+#[derive(Args, Clone)]
+struct LiveArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Live subscribers.
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Appends per second (1 event each), spread over 8 writers.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+}
+
+#[derive(Args, Clone)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Idle subscriptions to open.
+    #[arg(long, default_value_t = 10_000)]
+    subscribers: usize,
+    /// The pgstore server's process id (its RSS is read from /proc).
+    #[arg(long)]
+    server_pid: u32,
+    /// Subscriptions per HTTP/2 connection.
+    #[arg(long, default_value_t = 100)]
+    per_connection: usize,
 }
 
 #[derive(Args, Clone)]
@@ -393,5 +441,390 @@ async fn append_scenario(a: AppendArgs) {
 async fn main() {
     match Cli::parse().scenario {
         Scenario::Append(a) => append_scenario(a).await,
+        Scenario::Read(a) => read_scenario(a).await,
+        Scenario::Live(a) => live_scenario(a).await,
+        Scenario::Idle(a) => idle_scenario(a).await,
     }
+}
+
+/// Appends until the log holds `events` events (100-event appends from 8 clients).
+async fn ensure_log(target: &str, events: u64, payload: &str) -> u64 {
+    let mut c = EventStoreClient::connect(target.to_owned())
+        .await
+        .expect("connect");
+    let head = c
+        .latest_sequence(proto::LatestSequenceRequest::default())
+        .await
+        .expect("latest")
+        .into_inner()
+        .sequence;
+    if head >= events {
+        return head;
+    }
+    let missing = events - head;
+    eprintln!("  loading {missing} events ...");
+    let started = Instant::now();
+    let per_client = missing.div_ceil(8).div_ceil(100);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut c = c.clone();
+        let payload = payload.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_client {
+                let events = (0..100)
+                    .map(|_| proto::EventData {
+                        event_type: "BenchEvent".into(),
+                        payload: Some(proto::event_data::Payload::Json(payload.clone())),
+                        ..Default::default()
+                    })
+                    .collect();
+                c.append(proto::AppendRequest {
+                    stream_id: format!("load-{w}-{}", i % 1000),
+                    expected_version: None,
+                    events,
+                    idempotency_key: String::new(),
+                })
+                .await
+                .expect("load append");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let head = c
+        .latest_sequence(proto::LatestSequenceRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sequence;
+    eprintln!(
+        "  loaded in {:.1}s ({:.0} events/s)",
+        started.elapsed().as_secs_f64(),
+        missing as f64 / started.elapsed().as_secs_f64()
+    );
+    head
+}
+
+async fn read_scenario(a: ReadArgs) {
+    let payload = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
+    let head = ensure_log(&a.common.target, a.events, &payload).await;
+    println!("read: catch-up of {head} events, page {}", a.page);
+    let mut c = EventStoreClient::connect(a.common.target.clone())
+        .await
+        .expect("connect")
+        .max_decoding_message_size(256 * 1024 * 1024);
+
+    let started = Instant::now();
+    let mut from = 1;
+    let mut n = 0u64;
+    while from <= head {
+        let page = c
+            .read_from(proto::ReadFromRequest {
+                from_sequence: from,
+                limit: a.page,
+                ..Default::default()
+            })
+            .await
+            .expect("read_from")
+            .into_inner();
+        n += page.events.len() as u64;
+        from = page.next_sequence;
+    }
+    let read_from = n as f64 / started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let mut sub = c
+        .subscribe(proto::SubscribeRequest {
+            start: Some(proto::subscribe_request::Start::FromSequence(1)),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut m = 0u64;
+    while let Some(msg) = tokio_stream::StreamExt::next(&mut sub).await {
+        match msg.expect("stream").message {
+            Some(proto::subscribe_response::Message::Event(_)) => m += 1,
+            Some(proto::subscribe_response::Message::CaughtUp(_)) => break,
+            _ => {}
+        }
+    }
+    let subscribe = m as f64 / started.elapsed().as_secs_f64();
+    drop(sub);
+
+    println!("{:<30} {:>12}", "", "events/s");
+    println!("{:<30} {:>12.0}", "pgstore ReadFrom paging", read_from);
+    println!("{:<30} {:>12.0}", "pgstore Subscribe from 0", subscribe);
+    let Some(url) = a.common.database_url.clone() else {
+        println!("(raw baseline skipped: pass --database-url)");
+        return;
+    };
+    let raw = raw_client(&url).await;
+    let stmt = raw
+        .prepare(
+            "SELECT seq, stream_id, version, event_id, event_type, content_type, data, data_bytes, \
+             metadata, created_at, recorded_at, partition_key \
+             FROM pgstore.events WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .await
+        .expect("prepare");
+    let started = Instant::now();
+    let mut last = 0i64;
+    let mut k = 0u64;
+    loop {
+        let rows = raw
+            .query(&stmt, &[&last, &i64::from(a.page)])
+            .await
+            .expect("keyset");
+        let Some(row) = rows.last() else { break };
+        last = row.get(0);
+        for r in &rows {
+            // Decode like a client would.
+            let _: Option<pgstore::store::db::JsonText> = r.get(6);
+            let _: String = r.get(1);
+        }
+        k += rows.len() as u64;
+    }
+    let keyset = k as f64 / started.elapsed().as_secs_f64();
+    println!("{:<30} {:>12.0}", "raw keyset SELECT", keyset);
+    println!(
+        "ratio ReadFrom/raw: {:.2}x   Subscribe/raw: {:.2}x",
+        read_from / keyset,
+        subscribe / keyset
+    );
+}
+
+async fn live_scenario(a: LiveArgs) {
+    use std::collections::HashMap;
+    println!(
+        "live: subscribers={} rate={} appends/s duration={:?}",
+        a.subscribers, a.rate, a.common.duration
+    );
+    let target = a.common.target.clone();
+    let origin = Instant::now();
+    let acks: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut subs = Vec::new();
+    let mut channels = Vec::new();
+    for _ in 0..a.subscribers.div_ceil(50) {
+        channels.push(
+            EventStoreClient::connect(target.clone())
+                .await
+                .expect("connect"),
+        );
+    }
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(a.subscribers);
+    for i in 0..a.subscribers {
+        let mut c = channels[i / 50].clone();
+        let (acks, done, delivered, ready) = (
+            acks.clone(),
+            done.clone(),
+            delivered.clone(),
+            ready_tx.clone(),
+        );
+        subs.push(tokio::spawn(async move {
+            let mut from_ack = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut from_send = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut stream = c
+                .subscribe(proto::SubscribeRequest {
+                    start: Some(proto::subscribe_request::Start::FromEnd(true)),
+                    ..Default::default()
+                })
+                .await
+                .expect("subscribe")
+                .into_inner();
+            while let Some(Ok(msg)) = tokio_stream::StreamExt::next(&mut stream).await {
+                match msg.message {
+                    Some(proto::subscribe_response::Message::CaughtUp(_)) => {
+                        let _ = ready.send(()).await;
+                    }
+                    Some(proto::subscribe_response::Message::Event(e)) => {
+                        let now = Instant::now();
+                        let sent_us: u64 = match &e.payload {
+                            Some(proto::recorded_event::Payload::Json(s)) => s.parse().unwrap_or(0),
+                            _ => 0,
+                        };
+                        let sent = origin + Duration::from_micros(sent_us);
+                        from_send.saturating_record(
+                            now.saturating_duration_since(sent).as_micros() as u64,
+                        );
+                        let acked = acks.lock().unwrap().get(&e.global_sequence).copied();
+                        // Delivered before the writer even saw its answer: 0.
+                        let lat = acked
+                            .map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64);
+                        from_ack.saturating_record(lat.max(1));
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            (from_ack, from_send)
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..a.subscribers {
+        ready_rx.recv().await.expect("subscriber ready");
+    }
+    eprintln!("  {} subscribers live", a.subscribers);
+    let writers = 8u64;
+    let per_writer = Duration::from_secs_f64(writers as f64 / a.rate as f64);
+    let end = Instant::now() + a.common.duration;
+    let appended = Arc::new(AtomicU64::new(0));
+    let mut wtasks = Vec::new();
+    for w in 0..writers {
+        let mut c = EventStoreClient::connect(target.clone())
+            .await
+            .expect("connect");
+        let (acks, appended) = (acks.clone(), appended.clone());
+        wtasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(per_writer);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut i = 0u64;
+            while Instant::now() < end {
+                tick.tick().await;
+                let sent = origin.elapsed().as_micros() as u64;
+                let r = c
+                    .append(proto::AppendRequest {
+                        stream_id: format!("live-{w}-{}", i % 100),
+                        expected_version: None,
+                        events: vec![proto::EventData {
+                            event_type: "Tick".into(),
+                            payload: Some(proto::event_data::Payload::Json(sent.to_string())),
+                            ..Default::default()
+                        }],
+                        idempotency_key: String::new(),
+                    })
+                    .await
+                    .expect("append")
+                    .into_inner();
+                acks.lock().unwrap().insert(r.last_sequence, Instant::now());
+                appended.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    let started = Instant::now();
+    for t in wtasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let want = appended.load(Ordering::Relaxed) * a.subscribers as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done.store(true, Ordering::SeqCst);
+    // One more append wakes every subscriber so it sees `done`.
+    let mut c = EventStoreClient::connect(target.clone())
+        .await
+        .expect("connect");
+    let _ = c
+        .append(proto::AppendRequest {
+            stream_id: "live-done".into(),
+            expected_version: None,
+            events: vec![proto::EventData {
+                event_type: "Done".into(),
+                payload: Some(proto::event_data::Payload::Json("0".into())),
+                ..Default::default()
+            }],
+            idempotency_key: String::new(),
+        })
+        .await;
+    let mut from_ack = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut from_send = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for s in subs {
+        if let Ok(Ok((h1, h2))) = tokio::time::timeout(Duration::from_secs(5), s).await {
+            from_ack.add(&h1).unwrap();
+            from_send.add(&h2).unwrap();
+        }
+    }
+    let appended = appended.load(Ordering::Relaxed);
+    let got = delivered.load(Ordering::Relaxed);
+    let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "appended {appended} ({:.0}/s), delivered {got} of {want} ({:.0} deliveries/s)",
+        appended as f64 / elapsed.as_secs_f64(),
+        got as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "{:<34} {:>9} {:>9} {:>9}",
+        "", "p50 ms", "p99 ms", "p999 ms"
+    );
+    println!(
+        "{:<34} {:>9.3} {:>9.3} {:>9.3}",
+        "acknowledged -> delivered",
+        q(&from_ack, 0.5),
+        q(&from_ack, 0.99),
+        q(&from_ack, 0.999)
+    );
+    println!(
+        "{:<34} {:>9.3} {:>9.3} {:>9.3}",
+        "sent -> delivered",
+        q(&from_send, 0.5),
+        q(&from_send, 0.99),
+        q(&from_send, 0.999)
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn idle_scenario(a: IdleArgs) {
+    println!(
+        "idle: {} subscriptions, {} per connection",
+        a.subscribers, a.per_connection
+    );
+    let before = rss_kib(a.server_pid);
+    let mut channels = Vec::new();
+    for _ in 0..a.subscribers.div_ceil(a.per_connection) {
+        channels.push(
+            EventStoreClient::connect(a.common.target.clone())
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut streams = Vec::with_capacity(a.subscribers);
+    for i in 0..a.subscribers {
+        let mut c = channels[i / a.per_connection].clone();
+        let mut s = c
+            .subscribe(proto::SubscribeRequest {
+                start: Some(proto::subscribe_request::Start::FromEnd(true)),
+                ..Default::default()
+            })
+            .await
+            .expect("subscribe")
+            .into_inner();
+        // Wait for the caught-up marker: the subscription is then idle.
+        while let Some(Ok(m)) = tokio_stream::StreamExt::next(&mut s).await {
+            if let Some(proto::subscribe_response::Message::CaughtUp(_)) = m.message {
+                break;
+            }
+        }
+        streams.push(s);
+        if (i + 1) % 1000 == 0 {
+            eprint!("\r  {} open   ", i + 1);
+        }
+    }
+    eprintln!();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(a.server_pid);
+    let per = (after.saturating_sub(before)) as f64 / a.subscribers as f64;
+    println!(
+        "server RSS {before} KiB -> {after} KiB: {per:.2} KiB per idle subscriber ({} connections)",
+        channels.len()
+    );
+    drop(streams);
 }
