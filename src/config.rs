@@ -58,6 +58,9 @@ pub struct LiveSection {
     pub poll_interval: Duration,
     /// Changes a watcher may fall behind before it is told it lagged.
     pub change_buffer: usize,
+    /// Recent events kept in memory, shared by live subscribers (read once per instance instead
+    /// of once per subscriber).
+    pub tail_events: usize,
 }
 
 /// Consumer groups.
@@ -82,6 +85,7 @@ impl Default for LiveSection {
             heartbeat_interval: Duration::from_secs(5),
             poll_interval: Duration::from_secs(5),
             change_buffer: 1024,
+            tail_events: 10_000,
         }
     }
 }
@@ -365,7 +369,11 @@ impl Config {
             );
         }
         let live = &self.live;
-        if live.buffer == 0 || live.page_size == 0 || live.change_buffer == 0 {
+        if live.buffer == 0
+            || live.page_size == 0
+            || live.change_buffer == 0
+            || live.tail_events == 0
+        {
             return bad(
                 "live",
                 "buffer, page_size and change_buffer must be at least 1".into(),

@@ -85,7 +85,19 @@ async fn serve(
 
     // Live delivery: one LISTEN connection feeding the hub; this instance's own commits wake
     // local subscribers at once, without waiting for the notification's round trip.
-    let hub = Hub::new(metrics.clone(), config.live.change_buffer);
+    let hub = Hub::new(
+        metrics.clone(),
+        config.live.change_buffer,
+        config.live.tail_events,
+    );
+    background.spawn(crate::live::tail::run(
+        store.clone(),
+        hub.clone(),
+        hub.tail.clone(),
+        config.live.page_size,
+        config.live.poll_interval,
+        stop_background.clone(),
+    ));
     background.spawn(listener::run(
         ListenerConfig {
             primary: store_config.primary.clone(),

@@ -316,6 +316,8 @@ async fn a_slow_subscriber_does_not_delay_others_and_memory_stays_bounded() {
     config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
     config.live.buffer = 16;
     config.live.page_size = 100;
+    // A small shared tail: the slow subscriber falls out of it and must read the database again.
+    config.live.tail_events = 50;
     let server = Server::start(config).await;
     let mut c = server.client().await;
     // The slow one reads nothing for now; the fast one reads everything.

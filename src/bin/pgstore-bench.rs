@@ -58,9 +58,12 @@ struct LiveArgs {
     /// Live subscribers.
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
-    /// Appends per second (1 event each), spread over 8 writers.
+    /// Appends per second (1 event each), spread over the writers.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
+    /// Concurrent writers pacing the appends.
+    #[arg(long, default_value_t = 16)]
+    writers: usize,
 }
 
 #[derive(Args, Clone)]
@@ -671,7 +674,7 @@ async fn live_scenario(a: LiveArgs) {
         ready_rx.recv().await.expect("subscriber ready");
     }
     eprintln!("  {} subscribers live", a.subscribers);
-    let writers = 8u64;
+    let writers = a.writers as u64;
     let per_writer = Duration::from_secs_f64(writers as f64 / a.rate as f64);
     let end = Instant::now() + a.common.duration;
     let appended = Arc::new(AtomicU64::new(0));

@@ -5,6 +5,7 @@
 pub mod groups;
 pub mod listener;
 pub mod subscribe;
+pub mod tail;
 pub mod watch;
 
 use std::sync::Arc;
@@ -42,12 +43,16 @@ pub struct Hub {
     epoch: tokio_watch::Sender<u64>,
     /// The instance's metrics.
     pub metrics: Arc<Metrics>,
+    /// The most recent events, shared by live subscribers.
+    pub tail: Arc<tail::Tail>,
 }
 
 impl Hub {
-    /// A hub; `change_capacity` bounds how far a watcher may fall behind.
-    pub fn new(metrics: Arc<Metrics>, change_capacity: usize) -> Arc<Hub> {
+    /// A hub; `change_capacity` bounds how far a watcher may fall behind, `tail_capacity` how
+    /// many recent events are kept in memory for live subscribers.
+    pub fn new(metrics: Arc<Metrics>, change_capacity: usize, tail_capacity: usize) -> Arc<Hub> {
         Arc::new(Hub {
+            tail: tail::Tail::new(tail_capacity),
             head: tokio_watch::channel(0).0,
             changes: broadcast::channel(change_capacity.max(1)).0,
             connected: tokio_watch::channel(false).0,
@@ -66,6 +71,11 @@ impl Hub {
                 false
             }
         });
+    }
+
+    /// The end of the range the shared tail covers.
+    pub fn tail_end(&self) -> u64 {
+        self.tail.end()
     }
 
     /// The known head.

@@ -209,6 +209,7 @@ async fn deliver(
 ) -> Result<(), Stop> {
     let hub = &ctx.hub;
     let mut head_rx = hub.watch_head();
+    let mut tail_rx = hub.tail.watch();
     let mut epoch_rx = hub.watch_epoch();
     let mut caught_up = false;
     let mut must_read = true;
@@ -219,6 +220,7 @@ async fn deliver(
         // Mark the current wake-up values seen before reading, so a commit during the read wakes
         // us again.
         head_rx.borrow_and_update();
+        tail_rx.borrow_and_update();
         epoch_rx.borrow_and_update();
         if reassign_needed && let Some((group_name, owned_rx)) = group.as_mut() {
             reassign_needed = false;
@@ -272,6 +274,7 @@ async fn deliver(
         };
         tokio::select! {
             _ = head_rx.changed() => {}
+            _ = tail_rx.changed() => {}
             _ = epoch_rx.changed() => must_read = true,
             _ = owned_changed => reassign_needed = true,
             _ = tokio::time::sleep(ctx.config.poll_interval) => must_read = true,
@@ -289,7 +292,61 @@ enum ReadError {
     Db(Error),
 }
 
-/// Reads and delivers pages until a page comes back short (the subscriber reached the head).
+/// Whether an event passes the subscription's type and prefix filters (the database applies them
+/// itself; events from the shared tail are filtered here).
+fn wanted(sub: &Subscription, e: &proto::RecordedEvent) -> bool {
+    (sub.event_types.is_empty() || sub.event_types.contains(&e.event_type))
+        && e.stream_id.starts_with(&sub.stream_prefix)
+}
+
+/// Delivers one event if the positions want it, and moves them on.
+async fn offer(
+    ctx: &LiveContext,
+    sink: &mut Sink,
+    pos: &mut Positions,
+    mut event: proto::RecordedEvent,
+) -> Result<(), Stop> {
+    let seq = event.global_sequence;
+    match pos {
+        Positions::Single(p) => {
+            if seq < *p {
+                return Ok(());
+            }
+            *p = seq + 1;
+        }
+        Positions::Partitions { count, next } => {
+            let partition = event.partition_key % *count;
+            match next.get_mut(&partition) {
+                Some(p) if seq >= *p => *p = seq + 1,
+                // Already delivered (behind this partition's checkpoint), or not ours.
+                _ => return Ok(()),
+            }
+            event.partition = partition;
+        }
+    }
+    sink.send(Message::Event(event)).await?;
+    ctx.hub
+        .metrics
+        .events_delivered
+        .fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Everything below `end` has been looked at: move every position there.
+fn scanned_to(pos: &mut Positions, end: u64) {
+    match pos {
+        Positions::Single(p) => *p = (*p).max(end),
+        Positions::Partitions { next, .. } => {
+            for p in next.values_mut() {
+                *p = (*p).max(end);
+            }
+        }
+    }
+}
+
+/// Delivers what is new: from the shared in-memory tail when it covers the subscriber's position,
+/// else from the database in pages until a page comes back short (the subscriber reached the
+/// head).
 async fn catch_up(
     ctx: &LiveContext,
     sub: &Subscription,
@@ -300,6 +357,21 @@ async fn catch_up(
         let Some(from) = pos.from() else {
             return Ok(()); // a group member owning no partition
         };
+        if let Some((events, end)) = ctx.hub.tail.slice_from(from, ctx.config.page_size as usize) {
+            let more = !events.is_empty() && end < ctx.hub.tail_end();
+            for e in events {
+                if wanted(sub, &e) {
+                    offer(ctx, sink, pos, (*e).clone())
+                        .await
+                        .map_err(ReadError::Stop)?;
+                }
+            }
+            scanned_to(pos, end);
+            if more {
+                continue;
+            }
+            return Ok(());
+        }
         let partitions = match pos {
             Positions::Single(_) => None,
             Positions::Partitions { count, next } => Some(read::Partitions {
@@ -323,37 +395,12 @@ async fn catch_up(
         ctx.hub.advance(page.head);
         let full = page.events.len() >= q.limit as usize;
         for e in page.events {
-            let seq = e.seq;
-            let mut event = crate::grpc::recorded(e);
-            match pos {
-                Positions::Single(p) => *p = seq + 1,
-                Positions::Partitions { count, next } => {
-                    let partition = event.partition_key % *count;
-                    match next.get_mut(&partition) {
-                        Some(p) if seq >= *p => *p = seq + 1,
-                        // Already delivered (behind this partition's checkpoint), or not ours.
-                        _ => continue,
-                    }
-                    event.partition = partition;
-                }
-            }
-            sink.send(Message::Event(event))
+            offer(ctx, sink, pos, crate::grpc::recorded(e))
                 .await
                 .map_err(ReadError::Stop)?;
-            ctx.hub
-                .metrics
-                .events_delivered
-                .fetch_add(1, Ordering::Relaxed);
         }
         // Everything below next_sequence has been scanned for every owned partition.
-        match pos {
-            Positions::Single(p) => *p = (*p).max(page.next_sequence),
-            Positions::Partitions { next, .. } => {
-                for p in next.values_mut() {
-                    *p = (*p).max(page.next_sequence);
-                }
-            }
-        }
+        scanned_to(pos, page.next_sequence);
         if !full {
             return Ok(());
         }
