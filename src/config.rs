@@ -39,6 +39,30 @@ pub struct Config {
     pub live: LiveSection,
     /// Consumer groups.
     pub groups: GroupsSection,
+    /// Per-stream locks.
+    pub locks: LocksSection,
+}
+
+/// Per-stream locks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocksSection {
+    /// A held lock's lease; renewed every third of it while the Lock call is open. After the
+    /// holder's instance dies, the lock is free again after at most this long.
+    #[serde(with = "humantime_serde")]
+    pub lease_timeout: Duration,
+    /// How often a waiting Lock call retries.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for LocksSection {
+    fn default() -> Self {
+        LocksSection {
+            lease_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(100),
+        }
+    }
 }
 
 /// Subscriptions and change watchers.
@@ -188,6 +212,7 @@ impl Default for Config {
             server: ServerSection::default(),
             live: LiveSection::default(),
             groups: GroupsSection::default(),
+            locks: LocksSection::default(),
         }
     }
 }
@@ -392,6 +417,14 @@ impl Config {
                 "must be longer than groups.renew_interval (which must be positive)".into(),
             );
         }
+        if self.locks.lease_timeout < Duration::from_millis(300)
+            || self.locks.poll_interval.is_zero()
+        {
+            return bad(
+                "locks",
+                "lease_timeout must be at least 300ms and poll_interval positive".into(),
+            );
+        }
         Ok(())
     }
 
@@ -406,6 +439,10 @@ impl Config {
                 partitions: self.groups.partitions,
                 lease_timeout: self.groups.lease_timeout,
                 renew_interval: self.groups.renew_interval,
+            },
+            locks: crate::live::locks::LockConfig {
+                lease_timeout: self.locks.lease_timeout,
+                poll: self.locks.poll_interval,
             },
         }
     }

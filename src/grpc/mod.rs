@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::live::{
-    Change,
+    Change, locks,
     subscribe::{self, LiveContext, Subscription},
     watch,
 };
@@ -538,10 +538,24 @@ impl EventStore for EventStoreService {
 
     type LockStream = ResponseStream<proto::LockResponse>;
 
+    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn lock(
         &self,
-        _req: Request<proto::LockRequest>,
+        req: Request<proto::LockRequest>,
     ) -> Result<Response<Self::LockStream>, Status> {
-        Err(Status::unimplemented("Lock is not available in this build"))
+        if self.live.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown.into());
+        }
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(locks::run(
+            self.live.clone(),
+            self.live.config.locks.clone(),
+            r.stream_id,
+            r.try_only,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod groups;
 pub mod listener;
+pub mod locks;
 pub mod subscribe;
 pub mod tail;
 pub mod watch;

@@ -39,6 +39,8 @@ pub struct LiveConfig {
     pub poll_interval: Duration,
     /// Consumer group settings.
     pub groups: groups::GroupConfig,
+    /// Lock settings.
+    pub locks: super::locks::LockConfig,
 }
 
 /// A validated Subscribe request.

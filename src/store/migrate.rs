@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "groups",
         include_str!("../../migrations/0002_groups.sql"),
     ),
+    (3, "locks", include_str!("../../migrations/0003_locks.sql")),
 ];
 
 /// Applies every migration not applied yet. Returns how many were applied.

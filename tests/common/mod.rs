@@ -196,6 +196,11 @@ impl Server {
         Server::start(test_config(&fresh_db().await)).await
     }
 
+    /// Starts pgstore on the given database with the test configuration.
+    pub async fn fresh_on(url: &str) -> Server {
+        Server::start(test_config(url)).await
+    }
+
     async fn wait_ready(&self) {
         for _ in 0..200 {
             if let Ok(mut c) = self.try_client().await
