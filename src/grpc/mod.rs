@@ -48,7 +48,7 @@ pub const MAX_NOTIFY_BYTES: usize = 7999;
 /// A server stream fed by a task through a bounded channel; counts what waits in the channel
 /// (the subscriber buffer gauge) and settles the count when the client goes away.
 pub struct BufferedStream<T> {
-    rx: mpsc::Receiver<Result<T, Status>>,
+    rx: mpsc::Receiver<Result<Box<T>, Box<Status>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -63,7 +63,7 @@ impl<T> Stream for BufferedStream<T> {
         if let std::task::Poll::Ready(Some(_)) = &polled {
             self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
         }
-        polled
+        polled.map(|item| item.map(|r| r.map(|b| *b).map_err(|s| *s)))
     }
 }
 

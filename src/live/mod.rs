@@ -46,6 +46,8 @@ pub struct Hub {
     pub metrics: Arc<Metrics>,
     /// The most recent events, shared by live subscribers.
     pub tail: Arc<tail::Tail>,
+    /// Wakes the tail reader when a subscriber arrives (it sleeps while there is none).
+    pub subscriber_arrived: tokio::sync::Notify,
 }
 
 impl Hub {
@@ -54,6 +56,7 @@ impl Hub {
     pub fn new(metrics: Arc<Metrics>, change_capacity: usize, tail_capacity: usize) -> Arc<Hub> {
         Arc::new(Hub {
             tail: tail::Tail::new(tail_capacity),
+            subscriber_arrived: tokio::sync::Notify::new(),
             head: tokio_watch::channel(0).0,
             changes: broadcast::channel(change_capacity.max(1)).0,
             connected: tokio_watch::channel(false).0,

@@ -69,7 +69,10 @@ pub struct LiveContext {
     pub shutdown: CancellationToken,
 }
 
-type Tx = mpsc::Sender<Result<proto::SubscribeResponse, Status>>;
+/// Items are boxed: a channel allocates its slots in blocks, and an idle subscriber should cost
+/// a few bytes per slot, not the size of a whole message.
+pub type Item = Result<Box<proto::SubscribeResponse>, Box<Status>>;
+type Tx = mpsc::Sender<Item>;
 
 /// Why a subscriber stops.
 enum Stop {
@@ -90,7 +93,7 @@ impl Sink {
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {
         let m = &self.ctx.hub.metrics;
         m.buffered.fetch_add(1, Ordering::Relaxed);
-        let item = Ok(proto::SubscribeResponse { message: Some(msg) });
+        let item = Ok(Box::new(proto::SubscribeResponse { message: Some(msg) }));
         let sent = tokio::select! {
             r = self.tx.send(item) => r.is_ok(),
             _ = self.ctx.shutdown.cancelled() => {
@@ -117,6 +120,7 @@ fn shutting_down() -> Stop {
 pub async fn run(ctx: LiveContext, sub: Subscription, tx: Tx) {
     let metrics = ctx.hub.metrics.clone();
     let _subscribers = GaugeGuard::new(&metrics, |m| &m.subscribers);
+    ctx.hub.subscriber_arrived.notify_one();
     let _task = GaugeGuard::new(&metrics, |m| &m.stream_tasks);
     let mut sink = Sink {
         tx: tx.clone(),
@@ -132,7 +136,7 @@ pub async fn run(ctx: LiveContext, sub: Subscription, tx: Tx) {
     };
     if let Err(Stop::Fail(status)) = result {
         metrics.buffered.fetch_add(1, Ordering::Relaxed);
-        if tx.try_send(Err(status)).is_err() {
+        if tx.try_send(Err(Box::new(status))).is_err() {
             metrics.buffered.fetch_sub(1, Ordering::Relaxed);
         }
     }

@@ -80,6 +80,14 @@ impl Tail {
         Some((taken, end))
     }
 
+    /// Forgets everything: the tail covers nothing until reset.
+    fn clear(&self) {
+        let mut inner = self.inner.write().expect("tail lock");
+        inner.start = u64::MAX;
+        inner.end = u64::MAX;
+        inner.events.clear();
+    }
+
     /// Starts the tail at `next` (nothing before it is kept).
     fn reset(&self, next: u64) {
         let mut inner = self.inner.write().expect("tail lock");
@@ -129,6 +137,24 @@ pub async fn run(
     loop {
         head_rx.borrow_and_update();
         epoch_rx.borrow_and_update();
+        // Nobody to serve: keep nothing and cost nothing (no read per commit).
+        if hub
+            .metrics
+            .subscribers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            if started {
+                tail.clear();
+                started = false;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = hub.subscriber_arrived.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            continue;
+        }
         let result = async {
             let mut conn = db::get(store.pool()).await?;
             if !started {
