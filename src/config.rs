@@ -41,6 +41,36 @@ pub struct Config {
     pub groups: GroupsSection,
     /// Per-stream locks.
     pub locks: LocksSection,
+    /// Read replicas.
+    pub replicas: ReplicasSection,
+}
+
+/// Read replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicasSection {
+    /// Connections per replica pool.
+    pub pool_size: u32,
+    /// How often each replica's replayed head is probed.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A replica further behind the primary than this many sequences is out of rotation.
+    pub max_lag: u64,
+    /// How long a read with `min_sequence` waits for a replica to reach it before reading the
+    /// primary.
+    #[serde(with = "humantime_serde")]
+    pub fence_wait: Duration,
+}
+
+impl Default for ReplicasSection {
+    fn default() -> Self {
+        ReplicasSection {
+            pool_size: 16,
+            probe_interval: Duration::from_millis(500),
+            max_lag: 100_000,
+            fence_wait: Duration::from_millis(100),
+        }
+    }
 }
 
 /// Per-stream locks.
@@ -213,6 +243,7 @@ impl Default for Config {
             live: LiveSection::default(),
             groups: GroupsSection::default(),
             locks: LocksSection::default(),
+            replicas: ReplicasSection::default(),
         }
     }
 }
@@ -417,6 +448,12 @@ impl Config {
                 "must be longer than groups.renew_interval (which must be positive)".into(),
             );
         }
+        if self.replicas.pool_size == 0 || self.replicas.probe_interval.is_zero() {
+            return bad(
+                "replicas",
+                "pool_size and probe_interval must be positive".into(),
+            );
+        }
         if self.locks.lease_timeout < Duration::from_millis(300)
             || self.locks.poll_interval.is_zero()
         {
@@ -426,6 +463,36 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The replicas: a `host:port` name and a connection config each.
+    pub fn replica_configs(&self) -> Result<Vec<(String, tokio_postgres::Config)>> {
+        self.replica_urls
+            .iter()
+            .map(|url| {
+                let mut c =
+                    parse_database_url(url).map_err(|e| Error::invalid("replica_urls", e))?;
+                c.connect_timeout(self.database.connect_timeout);
+                let host = match c.get_hosts().first() {
+                    Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                    #[cfg(unix)]
+                    Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                    None => "localhost".into(),
+                };
+                let port = c.get_ports().first().copied().unwrap_or(5432);
+                Ok((format!("{host}:{port}"), c))
+            })
+            .collect()
+    }
+
+    /// Replica routing settings.
+    pub fn replica_config(&self) -> crate::store::router::ReplicaConfig {
+        crate::store::router::ReplicaConfig {
+            pool_size: self.replicas.pool_size,
+            probe_interval: self.replicas.probe_interval,
+            max_lag: self.replicas.max_lag,
+            fence_wait: self.replicas.fence_wait,
+        }
     }
 
     /// Live-delivery settings.

@@ -32,7 +32,13 @@ pub fn find_bindir() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         for d in std::env::split_paths(&path) {
             if has_tools(&d) {
-                return Ok(d);
+                // Follow links (e.g. /usr/local/bin/initdb -> /usr/lib/postgresql/15/bin/initdb)
+                // to the directory that has all of PostgreSQL's programs.
+                let real = std::fs::canonicalize(d.join("initdb"))
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+                    .filter(|p| has_tools(p));
+                return Ok(real.unwrap_or(d));
             }
         }
     }
@@ -179,6 +185,27 @@ impl Cluster {
             "--no-locale",
         ]);
         self.run("initdb", c)?;
+        Ok(())
+    }
+
+    /// Makes this (not yet existing) cluster a streaming replica of `primary` with
+    /// `pg_basebackup -R` (the primary must accept replication connections on 127.0.0.1).
+    pub fn basebackup_from(&self, primary: &Cluster) -> Result<()> {
+        let root = self.data.parent().unwrap_or(&self.data).to_path_buf();
+        self.own(&root)?;
+        let mut c = self.cmd("pg_basebackup");
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+        ])
+        .arg(&self.data)
+        .args(["-R", "-X", "stream", "-c", "fast"]);
+        self.run("pg_basebackup", c)?;
         Ok(())
     }
 

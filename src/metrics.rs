@@ -46,6 +46,25 @@ pub struct Metrics {
     pub changes_relayed: AtomicU64,
     /// Changes dropped for watchers that lagged.
     pub changes_lagged: AtomicU64,
+    /// Reads served by a replica.
+    pub replica_reads: AtomicU64,
+    /// Reads served by the primary.
+    pub primary_reads: AtomicU64,
+    /// The replicas as last probed.
+    pub replicas: std::sync::Mutex<Vec<ReplicaState>>,
+}
+
+/// A replica as last probed.
+#[derive(Debug, Clone)]
+pub struct ReplicaState {
+    /// `host:port`.
+    pub name: String,
+    /// In rotation.
+    pub healthy: bool,
+    /// Replayed head.
+    pub head: u64,
+    /// Sequences behind the primary's head.
+    pub lag: u64,
 }
 
 /// Increments a gauge now and decrements it when dropped.
@@ -76,7 +95,19 @@ impl Metrics {
     pub fn render(&self) -> String {
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed) as i64;
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, i64); 14] = [
+        let rows: [(&str, &str, &str, i64); 16] = [
+            (
+                "pgstore_replica_reads_total",
+                "counter",
+                "Reads served by replicas.",
+                c(&self.replica_reads),
+            ),
+            (
+                "pgstore_primary_reads_total",
+                "counter",
+                "Routed reads served by the primary.",
+                c(&self.primary_reads),
+            ),
             (
                 "pgstore_appends_total",
                 "counter",
@@ -167,6 +198,28 @@ impl Metrics {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             ));
+        }
+        let replicas = self.replicas.lock().expect("metrics").clone();
+        if !replicas.is_empty() {
+            out.push_str("# HELP pgstore_replica_healthy 1 while the replica is in rotation.\n");
+            out.push_str("# TYPE pgstore_replica_healthy gauge\n");
+            for r in &replicas {
+                let up = u8::from(r.healthy);
+                out.push_str(&format!(
+                    "pgstore_replica_healthy{{replica=\"{}\"}} {up}\n",
+                    r.name
+                ));
+            }
+            out.push_str(
+                "# HELP pgstore_replica_lag Sequences the replica is behind the primary.\n",
+            );
+            out.push_str("# TYPE pgstore_replica_lag gauge\n");
+            for r in &replicas {
+                out.push_str(&format!(
+                    "pgstore_replica_lag{{replica=\"{}\"}} {}\n",
+                    r.name, r.lag
+                ));
+            }
         }
         out
     }

@@ -73,6 +73,8 @@ async fn serve(
         pool_wait: config.database.connect_timeout,
         events_channel: config.database.events_channel.clone(),
         writer: config.writer_config(),
+        replicas: config.replica_configs()?,
+        replica: config.replica_config(),
     };
     let metrics = Arc::new(Metrics::default());
     tokio::pin!(shutdown);
@@ -90,6 +92,15 @@ async fn serve(
         config.live.change_buffer,
         config.live.tail_events,
     );
+    {
+        let hub = hub.clone();
+        background.spawn(
+            store
+                .router()
+                .clone()
+                .probe_loop(move || hub.head(), stop_background.clone()),
+        );
+    }
     background.spawn(crate::live::tail::run(
         store.clone(),
         hub.clone(),

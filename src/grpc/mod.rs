@@ -214,7 +214,13 @@ impl EventStore for EventStoreService {
             event_types: r.event_types,
             backwards: r.backwards,
         };
-        let page = read::load(&mut *self.conn().await?, &q).await?;
+        let page = self.store.router().read(r.min_sequence, &q).await?;
+        if !page.found {
+            return Err(Error::StreamNotFound {
+                stream_id: q.stream_id,
+            }
+            .into());
+        }
         Ok(Response::new(proto::LoadResponse {
             end_of_stream: page.next_version.is_none(),
             next_version: page.next_version.unwrap_or(0),
@@ -243,7 +249,7 @@ impl EventStore for EventStoreService {
             stream_prefix: r.stream_prefix,
             partitions: None,
         };
-        let page = read::read_from(&mut *self.conn().await?, &q).await?;
+        let page = self.store.read_log(r.min_sequence, &q).await?;
         Ok(Response::new(proto::ReadFromResponse {
             next_sequence: page.next_sequence,
             head: page.head,

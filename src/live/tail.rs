@@ -156,8 +156,8 @@ pub async fn run(
             continue;
         }
         let result = async {
-            let mut conn = db::get(store.pool()).await?;
             if !started {
+                let mut conn = db::get(store.pool()).await?;
                 let head = read::latest_sequence(&mut conn).await?;
                 tail.reset(head + 1);
                 hub.advance(head);
@@ -171,7 +171,7 @@ pub async fn run(
                     stream_prefix: String::new(),
                     partitions: None,
                 };
-                let page = read::read_from(&mut conn, &q).await?;
+                let page = store.read_log(0, &q).await?;
                 hub.advance(page.head);
                 let short = page.events.len() < page_size as usize;
                 let events = page.events.into_iter().map(crate::grpc::recorded).collect();
@@ -195,7 +195,13 @@ pub async fn run(
             }
         }
         if hub.head() >= tail.end() {
-            continue; // more arrived while reading
+            // More is committed than we could read: more arrived meanwhile, or a replica has not
+            // replayed it yet. Give it a moment, then read again.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+            continue;
         }
         tokio::select! {
             _ = stop.cancelled() => return,

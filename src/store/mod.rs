@@ -6,6 +6,7 @@ pub mod db;
 pub mod lifecycle;
 pub mod migrate;
 pub mod read;
+pub mod router;
 pub mod snapshots;
 pub mod writer;
 
@@ -220,6 +221,10 @@ pub struct StoreConfig {
     pub events_channel: String,
     /// Group-commit settings.
     pub writer: writer::WriterConfig,
+    /// Read replicas: a name (`host:port`) and a connection config each.
+    pub replicas: Vec<(String, tokio_postgres::Config)>,
+    /// Replica routing settings.
+    pub replica: router::ReplicaConfig,
 }
 
 /// The store: cheap to clone, shared by every request handler.
@@ -231,6 +236,7 @@ pub struct Store {
 struct Inner {
     pool: Pool,
     writer: writer::Handle,
+    router: Arc<router::Router>,
 }
 
 impl Store {
@@ -245,6 +251,13 @@ impl Store {
         migrate::migrate(&mut conn.client).await?;
         drop(conn);
         let pool = db::pool(config.primary.clone(), config.pool_size, config.pool_wait);
+        let router = Arc::new(router::Router::new(
+            pool.clone(),
+            config.replicas.clone(),
+            config.replica.clone(),
+            config.pool_wait,
+            metrics.clone(),
+        ));
         let (writer, task) = writer::spawn(
             config.primary.clone(),
             config.events_channel.clone(),
@@ -254,7 +267,11 @@ impl Store {
         );
         Ok((
             Store {
-                inner: Arc::new(Inner { pool, writer }),
+                inner: Arc::new(Inner {
+                    pool,
+                    writer,
+                    router,
+                }),
             },
             task,
         ))
@@ -263,6 +280,16 @@ impl Store {
     /// The primary's pool.
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// The read router (replicas, read-your-writes).
+    pub fn router(&self) -> &Arc<router::Router> {
+        &self.inner.router
+    }
+
+    /// Reads the global log through the router: from a replica when one can serve it.
+    pub async fn read_log(&self, min_sequence: u64, q: &read::ReadQuery) -> Result<read::LogPage> {
+        self.router().read(min_sequence, q).await
     }
 
     /// Appends through the group-commit writer.

@@ -23,10 +23,11 @@ macro_rules! event_columns {
 }
 
 const LOAD_FORWARDS: &str = concat!(
-    "WITH s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1) \
-     SELECT s.version, s.state, ",
+    "WITH h AS (SELECT seq FROM pgstore.head), \
+          s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1) \
+     SELECT h.seq, s.version, s.state, ",
     event_columns!(),
-    " FROM s LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
+    " FROM h LEFT JOIN s ON true LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
         WHERE e.stream_id = $1 AND e.version >= $2 AND e.version <= s.version \
           AND (cardinality($3::text[]) = 0 OR e.event_type = ANY($3)) \
         ORDER BY e.version LIMIT $4) e ON true \
@@ -34,10 +35,11 @@ const LOAD_FORWARDS: &str = concat!(
 );
 
 const LOAD_BACKWARDS: &str = concat!(
-    "WITH s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1) \
-     SELECT s.version, s.state, ",
+    "WITH h AS (SELECT seq FROM pgstore.head), \
+          s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1) \
+     SELECT h.seq, s.version, s.state, ",
     event_columns!(),
-    " FROM s LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
+    " FROM h LEFT JOIN s ON true LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
         WHERE e.stream_id = $1 AND e.version <= $2 AND e.version <= s.version \
           AND (cardinality($3::text[]) = 0 OR e.event_type = ANY($3)) \
         ORDER BY e.version DESC LIMIT $4) e ON true \
@@ -77,6 +79,10 @@ pub struct LoadQuery {
 /// A page of one stream.
 #[derive(Debug)]
 pub struct StreamPage {
+    /// The log head in the snapshot read.
+    pub head: u64,
+    /// Whether the stream exists (in that snapshot).
+    pub found: bool,
     /// The events.
     pub events: Vec<RecordedEvent>,
     /// The stream's version in the snapshot read.
@@ -122,7 +128,7 @@ pub struct LogPage {
     pub head: u64,
 }
 
-/// Reads one stream. `NotFound` when the stream does not exist.
+/// Reads one stream; `found` is false when the stream does not exist.
 pub async fn load(conn: &mut PgConn, q: &LoadQuery) -> Result<StreamPage> {
     let (sql, from) = if q.backwards {
         let from = if q.from_version == 0 {
@@ -142,17 +148,26 @@ pub async fn load(conn: &mut PgConn, q: &LoadQuery) -> Result<StreamPage> {
         .query(&stmt, &[&q.stream_id, &from, &q.event_types, &fetch])
         .await
         .map_err(db_err)?;
-    let Some(first) = rows.first() else {
-        return Err(Error::StreamNotFound {
-            stream_id: q.stream_id.clone(),
+    let first = rows
+        .first()
+        .ok_or_else(|| Error::Internal("load returned no row".into()))?;
+    let head = first.get::<_, i64>(0) as u64;
+    let Some(stream_version) = first.get::<_, Option<i64>>(1) else {
+        return Ok(StreamPage {
+            head,
+            found: false,
+            events: Vec::new(),
+            stream_version: 0,
+            state: StreamState::Active,
+            next_version: None,
         });
     };
-    let stream_version = first.get::<_, i64>(0) as u64;
-    let state = StreamState::from_code(first.get(1))?;
+    let stream_version = stream_version as u64;
+    let state = StreamState::from_code(first.get(2))?;
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
-        if row.get::<_, Option<i64>>(2).is_some() {
-            events.push(event_from_row(row, 2)?);
+        if row.get::<_, Option<i64>>(3).is_some() {
+            events.push(event_from_row(row, 3)?);
         }
     }
     let next_version = if events.len() > q.max_count as usize {
@@ -161,6 +176,8 @@ pub async fn load(conn: &mut PgConn, q: &LoadQuery) -> Result<StreamPage> {
         None
     };
     Ok(StreamPage {
+        head,
+        found: true,
         events,
         stream_version,
         state,

@@ -70,6 +70,30 @@ impl PgCluster {
         PgCluster { cluster, root }
     }
 
+    /// Creates and starts a streaming replica of this cluster (pg_basebackup -R).
+    pub fn replica(&self, settings: &[(&str, &str)]) -> PgCluster {
+        let root = std::env::temp_dir().join(unique("pgstore-replica"));
+        let _ = std::fs::remove_dir_all(&root);
+        let cluster = Cluster::in_dir(&root, free_port(), true).expect("PostgreSQL binaries");
+        cluster
+            .basebackup_from(&self.cluster)
+            .expect("pg_basebackup");
+        cluster.start(settings).expect("start replica");
+        PgCluster { cluster, root }
+    }
+
+    /// Runs SQL on database `db` of this cluster.
+    pub async fn sql(&self, db: &str, sql: &str) {
+        let (client, conn) = self
+            .cluster
+            .config(db)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        client.batch_execute(sql).await.expect("sql");
+    }
+
     /// A libpq URL for database `db`.
     pub fn url(&self, db: &str) -> String {
         self.cluster.url(db)

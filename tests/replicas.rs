@@ -1,0 +1,210 @@
+//! Read replicas: reads with `min_sequence` always see their writes, through a lagging replica
+//! and a stopped one; subscribers served by a replica miss nothing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgstore::proto::{self, subscribe_response::Message};
+use tokio_stream::StreamExt;
+
+async fn metric(port: u16, name: &str) -> i64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(-1)
+}
+
+async fn wait_metric(port: u16, name: &str, want: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if metric(port, name).await == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never became {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A primary, a replica delayed by 300 ms, a database, and pgstore reading from the replica.
+async fn setup() -> (PgCluster, PgCluster, String, Server, u16) {
+    let primary = PgCluster::start(FAST);
+    let url = primary.create_db().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let replica = primary.replica(FAST);
+    replica
+        .sql(
+            "postgres",
+            "ALTER SYSTEM SET recovery_min_apply_delay = '300ms'",
+        )
+        .await;
+    replica.sql("postgres", "SELECT pg_reload_conf()").await;
+    let metrics_port = free_port();
+    let mut config = test_config(&url);
+    config.replica_urls = vec![replica.url(&db)];
+    config.replicas.probe_interval = Duration::from_millis(100);
+    config.replicas.fence_wait = Duration::from_millis(20);
+    config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
+    let server = Server::start(config).await;
+    let label = format!(
+        "pgstore_replica_healthy{{replica=\"127.0.0.1:{}\"}}",
+        replica.cluster.port
+    );
+    wait_metric(metrics_port, &label, 1).await;
+    (primary, replica, db, server, metrics_port)
+}
+
+/// 1 append then fenced Load and ReadFrom, `n` times over 10 concurrent clients.
+async fn read_your_writes(server: &Server, n: usize, tag: &str) {
+    let mut tasks = Vec::new();
+    for t in 0..10 {
+        let mut c = server.client().await;
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..n / 10 {
+                let stream = format!("ryw-{tag}-{t}");
+                let r = c
+                    .append(append(
+                        &stream,
+                        None,
+                        vec![json_event("E", &format!("{i}"))],
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let page = c
+                    .load(proto::LoadRequest {
+                        stream_id: stream.clone(),
+                        backwards: true,
+                        max_count: 1,
+                        min_sequence: r.last_sequence,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("load")
+                    .into_inner();
+                assert_eq!(page.stream_version, r.version, "stale Load");
+                assert_eq!(page.events[0].global_sequence, r.last_sequence);
+                let log = c
+                    .read_from(proto::ReadFromRequest {
+                        from_sequence: r.last_sequence,
+                        limit: 1,
+                        min_sequence: r.last_sequence,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("read_from")
+                    .into_inner();
+                assert_eq!(log.events.len(), 1, "stale ReadFrom");
+                assert_eq!(log.events[0].global_sequence, r.last_sequence);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_with_min_sequence_see_their_writes_through_a_lagging_or_stopped_replica() {
+    let (_primary, replica, _db, server, metrics_port) = setup().await;
+    let mut c = server.client().await;
+    // Unfenced reads are served by the replica (which lags: they may be stale, never wrong).
+    c.append(append("warm", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        c.read_from(proto::ReadFromRequest::default())
+            .await
+            .unwrap();
+    }
+    assert!(
+        metric(metrics_port, "pgstore_replica_reads_total").await > 0,
+        "replica path used"
+    );
+
+    read_your_writes(&server, 1000, "lagging").await;
+
+    replica.stop("fast");
+    read_your_writes(&server, 200, "stopped").await;
+    let label = format!(
+        "pgstore_replica_healthy{{replica=\"127.0.0.1:{}\"}}",
+        replica.cluster.port
+    );
+    wait_metric(metrics_port, &label, 0).await;
+
+    replica.restart(FAST);
+    wait_metric(metrics_port, &label, 1).await;
+    read_your_writes(&server, 100, "back").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_reading_from_a_lagging_replica_misses_nothing() {
+    let (_primary, replica, _db, server, metrics_port) = setup().await;
+    let mut c = server.client().await;
+    let mut sub = c
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got: Vec<u64> = Vec::new();
+    let receive = async |sub: &mut tonic::Streaming<proto::SubscribeResponse>,
+                         got: &mut Vec<u64>,
+                         until: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.last().copied().unwrap_or(0) < until {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = tokio::time::timeout(left, sub.next())
+                .await
+                .expect("events in time")
+                .unwrap()
+                .unwrap();
+            if let Some(Message::Event(e)) = m.message {
+                got.push(e.global_sequence);
+            }
+        }
+    };
+    let writes = async |c: &mut Client, n: usize| {
+        let mut last = 0;
+        for i in 0..n {
+            last = c
+                .append(append(
+                    &format!("sub-{}", i % 7),
+                    None,
+                    vec![json_event("E", "{}")],
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .last_sequence;
+        }
+        last
+    };
+    let h = writes(&mut c, 300).await;
+    receive(&mut sub, &mut got, h).await;
+    let served_by_replica = metric(metrics_port, "pgstore_replica_reads_total").await;
+    assert!(
+        served_by_replica > 0,
+        "the subscriber read from the replica"
+    );
+
+    replica.stop("fast");
+    let h = writes(&mut c, 200).await;
+    receive(&mut sub, &mut got, h).await;
+    replica.restart(FAST);
+    let h = writes(&mut c, 100).await;
+    receive(&mut sub, &mut got, h).await;
+    assert_eq!(
+        got,
+        (1..=h).collect::<Vec<_>>(),
+        "everything, once, in order"
+    );
+}
