@@ -5,101 +5,15 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::*;
 use pgstore::proto::{self, subscribe_response::Message};
+
+const PARTITIONS: u32 = GROUP_PARTITIONS;
 use tokio_stream::StreamExt;
 
-const PARTITIONS: u32 = 8;
-
-/// What one member saw, in order.
-#[derive(Default, Debug)]
-struct Log {
-    /// (assignment epoch, stream, version, sequence)
-    events: Vec<(usize, String, u64, u64)>,
-    /// The partitions after each assignment message.
-    assignments: Vec<Vec<u32>>,
-}
-
-type Shared = Arc<Mutex<Log>>;
-
-/// Runs a member: records what it gets and checkpoints each partition after each event.
-fn member(mut c: Client, name: &str) -> (Shared, tokio::task::JoinHandle<()>) {
-    let log: Shared = Arc::default();
-    let req = proto::SubscribeRequest {
-        group: "billing".into(),
-        member: name.into(),
-        ..Default::default()
-    };
-    let task = {
-        let log = log.clone();
-        tokio::spawn(async move {
-            let Ok(resp) = c.subscribe(req).await else {
-                return;
-            };
-            let mut stream = resp.into_inner();
-            while let Some(Ok(msg)) = stream.next().await {
-                match msg.message {
-                    Some(Message::Assignment(a)) => {
-                        assert_eq!(a.partition_count, PARTITIONS);
-                        log.lock().unwrap().assignments.push(a.partitions);
-                    }
-                    Some(Message::Event(e)) => {
-                        assert_eq!(e.partition, e.partition_key % PARTITIONS);
-                        {
-                            let mut l = log.lock().unwrap();
-                            let epoch = l.assignments.len();
-                            assert!(
-                                l.assignments
-                                    .last()
-                                    .is_some_and(|p| p.contains(&e.partition)),
-                                "delivered an event of a partition not owned"
-                            );
-                            l.events.push((
-                                epoch,
-                                e.stream_id.clone(),
-                                e.version,
-                                e.global_sequence,
-                            ));
-                        }
-                        if c.save_checkpoint(proto::SaveCheckpointRequest {
-                            consumer_id: format!("billing/{}", e.partition),
-                            sequence: e.global_sequence,
-                        })
-                        .await
-                        .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        })
-    };
-    (log, task)
-}
-
-fn owned(log: &Shared) -> Vec<u32> {
-    log.lock()
-        .unwrap()
-        .assignments
-        .last()
-        .cloned()
-        .unwrap_or_default()
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    started.elapsed()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn members_share_partitions_survive_a_dead_instance_and_welcome_a_newcomer() {

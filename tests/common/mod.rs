@@ -19,7 +19,12 @@ use pgstore::{
     embedded::Cluster,
     proto::{self, event_store_client::EventStoreClient},
 };
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use pgstore::proto::subscribe_response::Message;
 use tokio::{sync::oneshot, task::JoinHandle};
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 pub type Client = EventStoreClient<Channel>;
@@ -394,3 +399,96 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Consumer group members
+
+/// Partitions of the groups the tests make.
+pub const GROUP_PARTITIONS: u32 = 8;
+
+/// What one member saw, in order.
+#[derive(Default, Debug)]
+pub struct Log {
+    /// (assignment epoch, stream, version, sequence)
+    pub events: Vec<(usize, String, u64, u64)>,
+    /// The partitions after each assignment message.
+    pub assignments: Vec<Vec<u32>>,
+}
+
+pub type Shared = Arc<Mutex<Log>>;
+
+/// Runs a member: records what it gets and checkpoints each partition after each event.
+pub fn member(mut c: Client, name: &str) -> (Shared, tokio::task::JoinHandle<()>) {
+    let log: Shared = Arc::default();
+    let req = proto::SubscribeRequest {
+        group: "billing".into(),
+        member: name.into(),
+        ..Default::default()
+    };
+    let task = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let Ok(resp) = c.subscribe(req).await else {
+                return;
+            };
+            let mut stream = resp.into_inner();
+            while let Some(Ok(msg)) = stream.next().await {
+                match msg.message {
+                    Some(Message::Assignment(a)) => {
+                        assert_eq!(a.partition_count, GROUP_PARTITIONS);
+                        log.lock().unwrap().assignments.push(a.partitions);
+                    }
+                    Some(Message::Event(e)) => {
+                        assert_eq!(e.partition, e.partition_key % GROUP_PARTITIONS);
+                        {
+                            let mut l = log.lock().unwrap();
+                            let epoch = l.assignments.len();
+                            assert!(
+                                l.assignments
+                                    .last()
+                                    .is_some_and(|p| p.contains(&e.partition)),
+                                "delivered an event of a partition not owned"
+                            );
+                            l.events.push((
+                                epoch,
+                                e.stream_id.clone(),
+                                e.version,
+                                e.global_sequence,
+                            ));
+                        }
+                        if c.save_checkpoint(proto::SaveCheckpointRequest {
+                            consumer_id: format!("billing/{}", e.partition),
+                            sequence: e.global_sequence,
+                        })
+                        .await
+                        .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    (log, task)
+}
+
+pub fn owned(log: &Shared) -> Vec<u32> {
+    log.lock()
+        .unwrap()
+        .assignments
+        .last()
+        .cloned()
+        .unwrap_or_default()
+}
+
+pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    started.elapsed()
+}
+
