@@ -1,6 +1,7 @@
 //! pgstore: a gRPC event store server in front of PostgreSQL.
 //!
 //! # Layout
+//! - [`codec`]: the gRPC codec (prost with small stream buffers).
 //! - [`config`]: layered configuration (defaults < TOML file < `PGSTORE_*` env < flags), validated.
 //! - [`server`]: wiring of the gRPC services, health, reflection and graceful shutdown.
 //! - [`grpc`]: the `pgstore.v1.EventStore` service: request validation, proto <-> domain, status codes.
@@ -11,6 +12,7 @@
 //! - [`embedded`]: a local PostgreSQL cluster managed by pgstore when no database URL is given.
 //! - [`error`]: the domain error type and its one mapping to gRPC status codes.
 
+pub mod codec;
 pub mod config;
 pub mod embedded;
 pub mod error;

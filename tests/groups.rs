@@ -14,7 +14,6 @@ use pgstore::proto::{self, subscribe_response::Message};
 const PARTITIONS: u32 = GROUP_PARTITIONS;
 use tokio_stream::StreamExt;
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn members_share_partitions_survive_a_dead_instance_and_welcome_a_newcomer() {
     let url = fresh_db().await;

@@ -53,13 +53,17 @@ async fn three_instances_share_one_log_and_one_consumer_group() {
         .enumerate()
         .map(|(i, c)| member(c.clone(), &format!("m{i}")))
         .collect();
-    wait_for("the group to cover all partitions", Duration::from_secs(15), || {
-        let all: Vec<u32> = members.iter().flat_map(|(m, _)| owned(m)).collect();
-        let distinct: BTreeSet<u32> = all.iter().copied().collect();
-        all.len() == GROUP_PARTITIONS as usize
-            && distinct.len() == GROUP_PARTITIONS as usize
-            && members.iter().all(|(m, _)| !owned(m).is_empty())
-    })
+    wait_for(
+        "the group to cover all partitions",
+        Duration::from_secs(15),
+        || {
+            let all: Vec<u32> = members.iter().flat_map(|(m, _)| owned(m)).collect();
+            let distinct: BTreeSet<u32> = all.iter().copied().collect();
+            all.len() == GROUP_PARTITIONS as usize
+                && distinct.len() == GROUP_PARTITIONS as usize
+                && members.iter().all(|(m, _)| !owned(m).is_empty())
+        },
+    )
     .await;
 
     // Writers on all three instances: 12 x 100 appends to overlapping streams.
@@ -86,7 +90,12 @@ async fn three_instances_share_one_log_and_one_consumer_group() {
     // All three subscribers saw the same log: 1..=1200, once each, in order.
     let mut logs = Vec::new();
     for s in subs {
-        logs.push(tokio::time::timeout(Duration::from_secs(30), s).await.unwrap().unwrap());
+        logs.push(
+            tokio::time::timeout(Duration::from_secs(30), s)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     let mut c = clients[0].clone();
     let all = read_all(&mut c).await;
@@ -95,38 +104,65 @@ async fn three_instances_share_one_log_and_one_consumer_group() {
         .map(|e| (e.global_sequence, e.event_id.clone()))
         .collect();
     assert_eq!(expected.len(), 1200);
-    assert!(expected.iter().enumerate().all(|(i, (s, _))| *s == i as u64 + 1));
+    assert!(
+        expected
+            .iter()
+            .enumerate()
+            .all(|(i, (s, _))| *s == i as u64 + 1)
+    );
     for log in &logs {
-        assert!(log == &expected, "an instance's subscriber saw a different log");
+        assert!(
+            log == &expected,
+            "an instance's subscriber saw a different log"
+        );
     }
 
     // Lose an instance: its member's partitions go to the others after the lease timeout.
     instances[2].kill();
-    wait_for("the two survivors to own every partition", Duration::from_secs(15), || {
-        let mut u: Vec<u32> = owned(&members[0].0);
-        u.extend(owned(&members[1].0));
-        u.sort();
-        u == (0..GROUP_PARTITIONS).collect::<Vec<_>>()
-    })
+    wait_for(
+        "the two survivors to own every partition",
+        Duration::from_secs(15),
+        || {
+            let mut u: Vec<u32> = owned(&members[0].0);
+            u.extend(owned(&members[1].0));
+            u.sort();
+            u == (0..GROUP_PARTITIONS).collect::<Vec<_>>()
+        },
+    )
     .await;
     // More events: processed by the survivors.
     let mut c = clients[0].clone();
     let mut last = 0;
     for k in 0..100 {
         last = c
-            .append(append(&format!("shared-{}", k % 9), None, vec![json_event("E", "{}")]))
+            .append(append(
+                &format!("shared-{}", k % 9),
+                None,
+                vec![json_event("E", "{}")],
+            ))
             .await
             .unwrap()
             .into_inner()
             .last_sequence;
     }
-    wait_for("every event processed at least once", Duration::from_secs(20), || {
-        let seen: BTreeSet<u64> = members
-            .iter()
-            .flat_map(|(m, _)| m.lock().unwrap().events.iter().map(|e| e.3).collect::<Vec<_>>())
-            .collect();
-        seen.len() as u64 == last
-    })
+    wait_for(
+        "every event processed at least once",
+        Duration::from_secs(20),
+        || {
+            let seen: BTreeSet<u64> = members
+                .iter()
+                .flat_map(|(m, _)| {
+                    m.lock()
+                        .unwrap()
+                        .events
+                        .iter()
+                        .map(|e| e.3)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            seen.len() as u64 == last
+        },
+    )
     .await;
     for (_, t) in members {
         t.abort();

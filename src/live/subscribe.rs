@@ -231,7 +231,10 @@ async fn deliver(
         if reassign_needed && let Some((group_name, owned_rx)) = group.as_mut() {
             reassign_needed = false;
             let owned = owned_rx.borrow_and_update().clone().unwrap_or_default();
-            reassign(ctx, group_name, pos, &owned).await.map_err(fail)?;
+            // Boxed, like catch_up: an idle subscriber's future should not carry their state.
+            Box::pin(reassign(ctx, group_name, pos, &owned))
+                .await
+                .map_err(fail)?;
             if let Positions::Partitions { count, .. } = pos {
                 sink.send(Message::Assignment(proto::PartitionAssignment {
                     partitions: owned,
@@ -242,7 +245,9 @@ async fn deliver(
             must_read = true;
         }
         if must_read || pos.from().is_some_and(|p| hub.head() >= p) {
-            match catch_up(ctx, sub, sink, pos).await {
+            // Boxed so the (large) read state is allocated only while reading, not kept inline in
+            // every idle subscriber's future.
+            match Box::pin(catch_up(ctx, sub, sink, pos)).await {
                 Ok(()) => {
                     retry_delay = Duration::from_millis(50);
                     must_read = false;

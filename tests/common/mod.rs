@@ -491,4 +491,3 @@ pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> b
     }
     started.elapsed()
 }
-
