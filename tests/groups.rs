@@ -109,18 +109,7 @@ async fn members_share_partitions_survive_a_dead_instance_and_welcome_a_newcomer
     let last = writer.await.unwrap();
     let everyone = [m1.clone(), m2.clone(), m3.clone(), m4.clone()];
     wait_for("every event processed", Duration::from_secs(20), || {
-        let seen: BTreeSet<u64> = everyone
-            .iter()
-            .flat_map(|m| {
-                m.lock()
-                    .unwrap()
-                    .events
-                    .iter()
-                    .map(|e| e.3)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        seen.len() as u64 == last
+        processed(&everyone.iter().collect::<Vec<_>>()).len() as u64 == last
     })
     .await;
 

@@ -148,20 +148,7 @@ async fn three_instances_share_one_log_and_one_consumer_group() {
     wait_for(
         "every event processed at least once",
         Duration::from_secs(20),
-        || {
-            let seen: BTreeSet<u64> = members
-                .iter()
-                .flat_map(|(m, _)| {
-                    m.lock()
-                        .unwrap()
-                        .events
-                        .iter()
-                        .map(|e| e.3)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            seen.len() as u64 == last
-        },
+        || processed(&members.iter().map(|(m, _)| m).collect::<Vec<_>>()).len() as u64 == last,
     )
     .await;
     for (_, t) in members {

@@ -277,37 +277,6 @@ async fn subscribe_rejects_bad_requests() {
     }
 }
 
-async fn metric(port: u16, name: &str) -> i64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-async fn wait_metric(port: u16, name: &str, want: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = metric(port, name).await;
-        if v == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} stayed at {v}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_does_not_delay_others_and_memory_stays_bounded() {
     let url = fresh_db().await;

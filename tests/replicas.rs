@@ -9,31 +9,6 @@ use common::*;
 use pgstore::proto::{self, subscribe_response::Message};
 use tokio_stream::StreamExt;
 
-async fn metric(port: u16, name: &str) -> i64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(-1)
-}
-
-async fn wait_metric(port: u16, name: &str, want: i64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if metric(port, name).await == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} never became {want}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A primary, a replica delayed by 300 ms, a database, and pgstore reading from the replica.
 async fn setup() -> (PgCluster, PgCluster, String, Server, u16) {
     let primary = PgCluster::start(FAST);

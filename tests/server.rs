@@ -214,21 +214,25 @@ async fn migrate_command_applies_the_schema() {
 #[tokio::test]
 async fn serve_without_a_database_url_runs_an_embedded_postgres() {
     let dir = std::env::temp_dir().join(unique("pgstore-embedded"));
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .env_remove("PGSTORE_DATABASE_URL")
-        .env("PGSTORE_LOG__LEVEL", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut c = wait_client(port).await;
+    // No database URL: pgstore manages a cluster in `dir`.
+    let serve_embedded = async |dir: &std::path::Path| {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir)
+            .env_remove("PGSTORE_DATABASE_URL")
+            .env("PGSTORE_LOG__LEVEL", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, wait_client(port).await)
+    };
+    let (child, mut c) = serve_embedded(&dir).await;
     let r = c
         .append(append("emb", None, vec![json_event("E", r#"{"ok":true}"#)]))
         .await
@@ -246,21 +250,7 @@ async fn serve_without_a_database_url_runs_an_embedded_postgres() {
     );
 
     // A second start reuses the cluster and its data.
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .env_remove("PGSTORE_DATABASE_URL")
-        .env("PGSTORE_LOG__LEVEL", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut c = wait_client(port).await;
+    let (child, mut c) = serve_embedded(&dir).await;
     assert_eq!(read_all(&mut c).await.len(), 1);
     assert!(terminate(child).await.success());
     let _ = std::fs::remove_dir_all(&dir);

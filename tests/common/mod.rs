@@ -491,3 +491,51 @@ pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> b
     }
     started.elapsed()
 }
+
+/// The distinct global sequences the given members processed.
+pub fn processed(members: &[&Shared]) -> std::collections::BTreeSet<u64> {
+    members
+        .iter()
+        .flat_map(|m| {
+            m.lock()
+                .unwrap()
+                .events
+                .iter()
+                .map(|e| e.3)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+/// A metric's value from pgstore's `/metrics` on `port` (-1 when absent).
+pub async fn metric(port: u16, name: &str) -> i64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map_or(-1, |v| v.trim().parse().unwrap())
+}
+
+/// Waits (up to 20 s) until a metric has a value.
+pub async fn wait_metric(port: u16, name: &str, want: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = metric(port, name).await;
+        if v == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed at {v}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
