@@ -182,7 +182,7 @@ fn state(s: StreamState) -> i32 {
 
 #[tonic::async_trait]
 impl EventStore for EventStoreService {
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id, events = req.get_ref().events.len()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id, events = req.get_ref().events.len()))]
     async fn append(
         &self,
         req: Request<proto::AppendRequest>,
@@ -197,7 +197,7 @@ impl EventStore for EventStoreService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn load(
         &self,
         req: Request<proto::LoadRequest>,
@@ -230,7 +230,7 @@ impl EventStore for EventStoreService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(from = req.get_ref().from_sequence))]
+    #[tracing::instrument(level = "debug", skip_all, fields(from = req.get_ref().from_sequence))]
     async fn read_from(
         &self,
         req: Request<proto::ReadFromRequest>,
@@ -268,7 +268,7 @@ impl EventStore for EventStoreService {
 
     type SubscribeStream = ResponseStream<proto::SubscribeResponse>;
 
-    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, member = %req.get_ref().member))]
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %req.get_ref().group, member = %req.get_ref().member))]
     async fn subscribe(
         &self,
         req: Request<proto::SubscribeRequest>,
@@ -285,7 +285,7 @@ impl EventStore for EventStoreService {
         })))
     }
 
-    #[tracing::instrument(skip_all, fields(consumer_id = %req.get_ref().consumer_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(consumer_id = %req.get_ref().consumer_id))]
     async fn save_checkpoint(
         &self,
         req: Request<proto::SaveCheckpointRequest>,
@@ -301,7 +301,7 @@ impl EventStore for EventStoreService {
         Ok(Response::new(proto::SaveCheckpointResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(consumer_id = %req.get_ref().consumer_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(consumer_id = %req.get_ref().consumer_id))]
     async fn load_checkpoint(
         &self,
         req: Request<proto::LoadCheckpointRequest>,
@@ -323,7 +323,7 @@ impl EventStore for EventStoreService {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn save_snapshot(
         &self,
         req: Request<proto::SaveSnapshotRequest>,
@@ -369,7 +369,7 @@ impl EventStore for EventStoreService {
         Ok(Response::new(proto::SaveSnapshotResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn load_snapshot(
         &self,
         req: Request<proto::LoadSnapshotRequest>,
@@ -390,7 +390,7 @@ impl EventStore for EventStoreService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn invalidate_snapshot(
         &self,
         req: Request<proto::InvalidateSnapshotRequest>,
@@ -410,7 +410,7 @@ impl EventStore for EventStoreService {
         Ok(Response::new(proto::InvalidateSnapshotResponse { deleted }))
     }
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn get_stream(
         &self,
         req: Request<proto::GetStreamRequest>,
@@ -429,7 +429,7 @@ impl EventStore for EventStoreService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn tombstone_stream(
         &self,
         req: Request<proto::TombstoneStreamRequest>,
@@ -443,7 +443,7 @@ impl EventStore for EventStoreService {
         Ok(Response::new(proto::TombstoneStreamResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn archive_stream(
         &self,
         req: Request<proto::ArchiveStreamRequest>,
@@ -454,7 +454,7 @@ impl EventStore for EventStoreService {
         Ok(Response::new(proto::ArchiveStreamResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn restore_stream(
         &self,
         req: Request<proto::RestoreStreamRequest>,
@@ -465,7 +465,7 @@ impl EventStore for EventStoreService {
         Ok(Response::new(proto::RestoreStreamResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn delete_stream(
         &self,
         req: Request<proto::DeleteStreamRequest>,
@@ -478,7 +478,7 @@ impl EventStore for EventStoreService {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn publish_change(
         &self,
         req: Request<proto::PublishChangeRequest>,
@@ -544,7 +544,7 @@ impl EventStore for EventStoreService {
 
     type LockStream = ResponseStream<proto::LockResponse>;
 
-    #[tracing::instrument(skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
     async fn lock(
         &self,
         req: Request<proto::LockRequest>,
