@@ -183,3 +183,54 @@ async fn a_subscriber_reading_from_a_lagging_replica_misses_nothing() {
         "everything, once, in order"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_too_far_behind_leaves_the_rotation_until_it_catches_up() {
+    let primary = PgCluster::start(FAST);
+    let url = primary.create_db().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let replica = primary.replica(FAST);
+    replica
+        .sql(
+            "postgres",
+            "ALTER SYSTEM SET recovery_min_apply_delay = '1s'",
+        )
+        .await;
+    replica.sql("postgres", "SELECT pg_reload_conf()").await;
+    let metrics_port = free_port();
+    let mut config = test_config(&url);
+    config.replica_urls = vec![replica.url(&db)];
+    config.replicas.probe_interval = Duration::from_millis(100);
+    config.replicas.max_lag = 20;
+    config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
+    let server = Server::start(config).await;
+    let label = format!(
+        "pgstore_replica_healthy{{replica=\"127.0.0.1:{}\"}}",
+        replica.cluster.port
+    );
+    wait_metric(metrics_port, &label, 1).await;
+
+    // 100 events at once: the delayed replica is 100 sequences behind for about a second.
+    let mut c = server.client().await;
+    let events = (0..100).map(|i| json_event("E", &format!("{i}"))).collect();
+    c.append(append("lag", None, events)).await.unwrap();
+    wait_metric(metrics_port, &label, 0).await;
+    // Meanwhile unfenced reads are not served by it: they see the whole append.
+    let page = c
+        .read_from(proto::ReadFromRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        page.events.len(),
+        100,
+        "a replica out of rotation served a read"
+    );
+    // Once it has replayed, it is back.
+    wait_metric(metrics_port, &label, 1).await;
+    let lag = format!(
+        "pgstore_replica_lag{{replica=\"127.0.0.1:{}\"}}",
+        replica.cluster.port
+    );
+    assert!(metric(metrics_port, &lag).await <= 20);
+}
