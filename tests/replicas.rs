@@ -9,32 +9,54 @@ use common::*;
 use pgstore::proto::{self, subscribe_response::Message};
 use tokio_stream::StreamExt;
 
-/// A primary, a replica delayed by 300 ms, a database, and pgstore reading from the replica.
-async fn setup() -> (PgCluster, PgCluster, String, Server, u16) {
-    let primary = PgCluster::start(FAST);
-    let url = primary.create_db().await;
-    let db = url.rsplit('/').next().unwrap().to_string();
-    let replica = primary.replica(FAST);
-    replica
-        .sql(
-            "postgres",
-            "ALTER SYSTEM SET recovery_min_apply_delay = '300ms'",
+/// A running primary + replica + pgstore reading from the replica.
+struct Setup {
+    _primary: PgCluster,
+    replica: PgCluster,
+    server: Server,
+    metrics_port: u16,
+}
+
+impl Setup {
+    /// A primary, a replica whose replay is delayed by `delay`, a database, and pgstore reading
+    /// from the replica (configured further by `tweak`), once the replica is in rotation.
+    async fn start(delay: &str, tweak: impl FnOnce(&mut pgstore::config::Config)) -> Setup {
+        let primary = PgCluster::start(FAST);
+        let url = primary.create_db().await;
+        let db = url.rsplit('/').next().unwrap().to_string();
+        let replica = primary.replica(FAST);
+        replica
+            .sql(
+                "postgres",
+                &format!("ALTER SYSTEM SET recovery_min_apply_delay = '{delay}'"),
+            )
+            .await;
+        replica.sql("postgres", "SELECT pg_reload_conf()").await;
+        let metrics_port = free_port();
+        let mut config = test_config(&url);
+        config.replica_urls = vec![replica.url(&db)];
+        config.replicas.probe_interval = Duration::from_millis(100);
+        config.replicas.fence_wait = Duration::from_millis(20);
+        config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
+        tweak(&mut config);
+        let server = Server::start(config).await;
+        let setup = Setup {
+            _primary: primary,
+            replica,
+            server,
+            metrics_port,
+        };
+        wait_metric(metrics_port, &setup.label("pgstore_replica_healthy"), 1).await;
+        setup
+    }
+
+    /// The replica's series of a labelled metric.
+    fn label(&self, name: &str) -> String {
+        format!(
+            "{name}{{replica=\"127.0.0.1:{}\"}}",
+            self.replica.cluster.port
         )
-        .await;
-    replica.sql("postgres", "SELECT pg_reload_conf()").await;
-    let metrics_port = free_port();
-    let mut config = test_config(&url);
-    config.replica_urls = vec![replica.url(&db)];
-    config.replicas.probe_interval = Duration::from_millis(100);
-    config.replicas.fence_wait = Duration::from_millis(20);
-    config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
-    let server = Server::start(config).await;
-    let label = format!(
-        "pgstore_replica_healthy{{replica=\"127.0.0.1:{}\"}}",
-        replica.cluster.port
-    );
-    wait_metric(metrics_port, &label, 1).await;
-    (primary, replica, db, server, metrics_port)
+    }
 }
 
 /// 1 append then fenced Load and ReadFrom, `n` times over 10 concurrent clients.
@@ -90,7 +112,8 @@ async fn read_your_writes(server: &Server, n: usize, tag: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_with_min_sequence_see_their_writes_through_a_lagging_or_stopped_replica() {
-    let (_primary, replica, _db, server, metrics_port) = setup().await;
+    let setup = Setup::start("300ms", |_| {}).await;
+    let (server, replica, metrics_port) = (&setup.server, &setup.replica, setup.metrics_port);
     let mut c = server.client().await;
     // Unfenced reads are served by the replica (which lags: they may be stale, never wrong).
     c.append(append("warm", None, vec![json_event("E", "{}")]))
@@ -106,24 +129,22 @@ async fn reads_with_min_sequence_see_their_writes_through_a_lagging_or_stopped_r
         "replica path used"
     );
 
-    read_your_writes(&server, 1000, "lagging").await;
+    read_your_writes(server, 1000, "lagging").await;
 
     replica.stop("fast");
-    read_your_writes(&server, 200, "stopped").await;
-    let label = format!(
-        "pgstore_replica_healthy{{replica=\"127.0.0.1:{}\"}}",
-        replica.cluster.port
-    );
+    read_your_writes(server, 200, "stopped").await;
+    let label = setup.label("pgstore_replica_healthy");
     wait_metric(metrics_port, &label, 0).await;
 
     replica.restart(FAST);
     wait_metric(metrics_port, &label, 1).await;
-    read_your_writes(&server, 100, "back").await;
+    read_your_writes(server, 100, "back").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_subscriber_reading_from_a_lagging_replica_misses_nothing() {
-    let (_primary, replica, _db, server, metrics_port) = setup().await;
+    let setup = Setup::start("300ms", |_| {}).await;
+    let (server, replica, metrics_port) = (&setup.server, &setup.replica, setup.metrics_port);
     let mut c = server.client().await;
     let mut sub = c
         .subscribe(proto::SubscribeRequest::default())
@@ -186,29 +207,9 @@ async fn a_subscriber_reading_from_a_lagging_replica_misses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_too_far_behind_leaves_the_rotation_until_it_catches_up() {
-    let primary = PgCluster::start(FAST);
-    let url = primary.create_db().await;
-    let db = url.rsplit('/').next().unwrap().to_string();
-    let replica = primary.replica(FAST);
-    replica
-        .sql(
-            "postgres",
-            "ALTER SYSTEM SET recovery_min_apply_delay = '1s'",
-        )
-        .await;
-    replica.sql("postgres", "SELECT pg_reload_conf()").await;
-    let metrics_port = free_port();
-    let mut config = test_config(&url);
-    config.replica_urls = vec![replica.url(&db)];
-    config.replicas.probe_interval = Duration::from_millis(100);
-    config.replicas.max_lag = 20;
-    config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
-    let server = Server::start(config).await;
-    let label = format!(
-        "pgstore_replica_healthy{{replica=\"127.0.0.1:{}\"}}",
-        replica.cluster.port
-    );
-    wait_metric(metrics_port, &label, 1).await;
+    let setup = Setup::start("1s", |c| c.replicas.max_lag = 20).await;
+    let (server, metrics_port) = (&setup.server, setup.metrics_port);
+    let label = setup.label("pgstore_replica_healthy");
 
     // 100 events at once: the delayed replica is 100 sequences behind for about a second.
     let mut c = server.client().await;
@@ -228,9 +229,6 @@ async fn a_replica_too_far_behind_leaves_the_rotation_until_it_catches_up() {
     );
     // Once it has replayed, it is back.
     wait_metric(metrics_port, &label, 1).await;
-    let lag = format!(
-        "pgstore_replica_lag{{replica=\"127.0.0.1:{}\"}}",
-        replica.cluster.port
-    );
+    let lag = setup.label("pgstore_replica_lag");
     assert!(metric(metrics_port, &lag).await <= 20);
 }
