@@ -629,14 +629,7 @@ async fn live_scenario(a: LiveArgs) {
         subs.push(tokio::spawn(async move {
             let mut from_ack = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             let mut from_send = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-            let mut stream = c
-                .subscribe(proto::SubscribeRequest {
-                    start: Some(proto::subscribe_request::Start::FromEnd(true)),
-                    ..Default::default()
-                })
-                .await
-                .expect("subscribe")
-                .into_inner();
+            let mut stream = subscribe_from_end(&mut c).await;
             while let Some(Ok(msg)) = tokio_stream::StreamExt::next(&mut stream).await {
                 match msg.message {
                     Some(proto::subscribe_response::Message::CaughtUp(_)) => {
@@ -773,6 +766,19 @@ async fn live_scenario(a: LiveArgs) {
     );
 }
 
+/// A subscription that delivers only what is committed from now on.
+async fn subscribe_from_end(
+    c: &mut EventStoreClient<tonic::transport::Channel>,
+) -> tonic::Streaming<proto::SubscribeResponse> {
+    c.subscribe(proto::SubscribeRequest {
+        start: Some(proto::subscribe_request::Start::FromEnd(true)),
+        ..Default::default()
+    })
+    .await
+    .expect("subscribe")
+    .into_inner()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -801,14 +807,7 @@ async fn idle_scenario(a: IdleArgs) {
     let mut streams = Vec::with_capacity(a.subscribers);
     for i in 0..a.subscribers {
         let mut c = channels[i / a.per_connection].clone();
-        let mut s = c
-            .subscribe(proto::SubscribeRequest {
-                start: Some(proto::subscribe_request::Start::FromEnd(true)),
-                ..Default::default()
-            })
-            .await
-            .expect("subscribe")
-            .into_inner();
+        let mut s = subscribe_from_end(&mut c).await;
         // Wait for the caught-up marker: the subscription is then idle.
         while let Some(Ok(m)) = tokio_stream::StreamExt::next(&mut s).await {
             if let Some(proto::subscribe_response::Message::CaughtUp(_)) = m.message {
