@@ -38,8 +38,6 @@ pub struct Hub {
     head: tokio_watch::Sender<u64>,
     /// Projection changes; receivers that fall behind get `Lagged`.
     changes: broadcast::Sender<Change>,
-    /// Whether the LISTEN connection is up.
-    connected: tokio_watch::Sender<bool>,
     /// Bumped after every (re)connection of the listener, so every subscriber re-reads.
     epoch: tokio_watch::Sender<u64>,
     /// The instance's metrics.
@@ -59,7 +57,6 @@ impl Hub {
             subscriber_arrived: tokio::sync::Notify::new(),
             head: tokio_watch::channel(0).0,
             changes: broadcast::channel(change_capacity.max(1)).0,
-            connected: tokio_watch::channel(false).0,
             epoch: tokio_watch::channel(0).0,
             metrics,
         })
@@ -107,18 +104,15 @@ impl Hub {
         let _ = self.changes.send(change);
     }
 
-    /// Whether the listener is connected.
+    /// Whether the listener is connected (kept in its metric, the one place that records it).
     pub fn is_connected(&self) -> bool {
-        *self.connected.borrow()
-    }
-
-    /// A receiver of the listener's connection state.
-    pub fn watch_connected(&self) -> tokio_watch::Receiver<bool> {
-        self.connected.subscribe()
+        self.metrics
+            .listener_connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
     }
 
     fn set_connected(&self, up: bool) {
-        self.connected.send_replace(up);
         self.metrics
             .listener_connected
             .store(i64::from(up), std::sync::atomic::Ordering::Relaxed);

@@ -310,31 +310,40 @@ fn wanted(sub: &Subscription, e: &proto::RecordedEvent) -> bool {
         && e.stream_id.starts_with(&sub.stream_prefix)
 }
 
-/// Delivers one event if the positions want it, and moves them on.
-async fn offer(
-    ctx: &LiveContext,
-    sink: &mut Sink,
-    pos: &mut Positions,
-    mut event: proto::RecordedEvent,
-) -> Result<(), Stop> {
-    let seq = event.global_sequence;
+/// Whether the positions want the event at `seq` (with `partition_key`); if so, moves them past
+/// it and returns the event's partition (0 outside consumer groups). Decided before the event is
+/// copied or converted, so skipped events cost nothing.
+fn admit(pos: &mut Positions, seq: u64, partition_key: u32) -> Option<u32> {
     match pos {
         Positions::Single(p) => {
             if seq < *p {
-                return Ok(());
+                return None;
             }
             *p = seq + 1;
+            Some(0)
         }
         Positions::Partitions { count, next } => {
-            let partition = event.partition_key % *count;
+            let partition = partition_key % *count;
             match next.get_mut(&partition) {
-                Some(p) if seq >= *p => *p = seq + 1,
+                Some(p) if seq >= *p => {
+                    *p = seq + 1;
+                    Some(partition)
+                }
                 // Already delivered (behind this partition's checkpoint), or not ours.
-                _ => return Ok(()),
+                _ => None,
             }
-            event.partition = partition;
         }
     }
+}
+
+/// Sends one admitted event.
+async fn send_event(
+    ctx: &LiveContext,
+    sink: &mut Sink,
+    mut event: proto::RecordedEvent,
+    partition: u32,
+) -> Result<(), Stop> {
+    event.partition = partition;
     sink.send(Message::Event(event)).await?;
     ctx.hub
         .metrics
@@ -371,8 +380,10 @@ async fn catch_up(
         if let Some((events, end)) = ctx.hub.tail.slice_from(from, ctx.config.page_size as usize) {
             let more = !events.is_empty() && end < ctx.hub.tail_end();
             for e in events {
-                if wanted(sub, &e) {
-                    offer(ctx, sink, pos, (*e).clone())
+                if wanted(sub, &e)
+                    && let Some(partition) = admit(pos, e.global_sequence, e.partition_key)
+                {
+                    send_event(ctx, sink, (*e).clone(), partition)
                         .await
                         .map_err(ReadError::Stop)?;
                 }
@@ -406,9 +417,11 @@ async fn catch_up(
         ctx.hub.advance(page.head);
         let full = page.events.len() >= q.limit as usize;
         for e in page.events {
-            offer(ctx, sink, pos, crate::grpc::recorded(e))
-                .await
-                .map_err(ReadError::Stop)?;
+            if let Some(partition) = admit(pos, e.seq, e.partition_key) {
+                send_event(ctx, sink, crate::grpc::recorded(e), partition)
+                    .await
+                    .map_err(ReadError::Stop)?;
+            }
         }
         // Everything below next_sequence has been scanned for every owned partition.
         scanned_to(pos, page.next_sequence);

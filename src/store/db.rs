@@ -143,12 +143,17 @@ pub fn db_err(e: tokio_postgres::Error) -> Error {
     }
 }
 
-/// JSON text sent to and read from `json`/`jsonb` columns without a round trip through a parsed
-/// value: the server parses it once.
+/// JSON text read from `json`/`jsonb` columns as text, without a round trip through a parsed
+/// value.
 #[derive(Debug, Clone)]
 pub struct JsonText(pub String);
 
-impl ToSql for JsonText {
+/// Borrowed JSON text sent to `json`/`jsonb` columns: the server parses it once; nothing is
+/// copied on the way.
+#[derive(Debug, Clone, Copy)]
+pub struct JsonRef<'a>(pub &'a str);
+
+impl ToSql for JsonRef<'_> {
     fn to_sql(
         &self,
         ty: &Type,

@@ -20,7 +20,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use bytes::Bytes;
 use postgres_types::ToSql;
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -32,7 +31,7 @@ use uuid::Uuid;
 
 use super::{
     AppendCommand, AppendOutcome, Payload, StreamState,
-    db::{self, JsonText, PgConn, is_connection_error},
+    db::{self, JsonRef, PgConn, is_connection_error},
     partition_key,
 };
 use crate::error::{Error, Result};
@@ -172,21 +171,22 @@ struct AppendOutcomeWithStream {
 }
 
 /// The rows of one transaction, column by column.
+/// Columns borrow from the appends: payloads are not copied on their way to the database.
 #[derive(Default)]
-struct Rows {
+struct Rows<'a> {
     seq: Vec<i64>,
-    stream_id: Vec<String>,
+    stream_id: Vec<&'a str>,
     version: Vec<i64>,
     event_id: Vec<Uuid>,
-    event_type: Vec<String>,
-    content_type: Vec<String>,
-    data: Vec<Option<JsonText>>,
-    data_bytes: Vec<Option<Bytes>>,
-    metadata: Vec<Option<JsonText>>,
+    event_type: Vec<&'a str>,
+    content_type: Vec<&'a str>,
+    data: Vec<Option<JsonRef<'a>>>,
+    data_bytes: Vec<Option<&'a [u8]>>,
+    metadata: Vec<Option<JsonRef<'a>>>,
     created_at: Vec<Option<SystemTime>>,
     partition_key: Vec<i64>,
     /// Each stream written, once, with its final version.
-    upsert_stream: Vec<String>,
+    upsert_stream: Vec<&'a str>,
     upsert_version: Vec<i64>,
 }
 
@@ -431,16 +431,19 @@ async fn read_under_lock(
 
 /// The idempotency keys to record, column by column.
 #[derive(Default)]
-struct Keys {
-    key: Vec<String>,
-    stream_id: Vec<String>,
+struct Keys<'a> {
+    key: Vec<&'a str>,
+    stream_id: Vec<&'a str>,
     version: Vec<i64>,
     first: Vec<i64>,
     last: Vec<i64>,
 }
 
 /// Phase 2 in memory: checks each append in order and lays out the rows to write.
-fn plan(cmds: &[&AppendCommand], snap: &Snapshot) -> (Rows, Keys, Vec<Result<AppendOutcome>>, u64) {
+fn plan<'a>(
+    cmds: &[&'a AppendCommand],
+    snap: &Snapshot,
+) -> (Rows<'a>, Keys<'a>, Vec<Result<AppendOutcome>>, u64) {
     let mut rows = Rows::default();
     let mut keys = Keys::default();
     let mut results = Vec::with_capacity(cmds.len());
@@ -503,22 +506,22 @@ fn plan(cmds: &[&AppendCommand], snap: &Snapshot) -> (Rows, Keys, Vec<Result<App
         for (i, e) in cmd.events.iter().enumerate() {
             let v = version + 1 + i as u64;
             rows.seq.push(next_seq as i64);
-            rows.stream_id.push(cmd.stream_id.clone());
+            rows.stream_id.push(&cmd.stream_id);
             rows.version.push(v as i64);
             rows.event_id.push(e.event_id);
-            rows.event_type.push(e.event_type.clone());
-            rows.content_type.push(e.content_type.clone());
+            rows.event_type.push(&e.event_type);
+            rows.content_type.push(&e.content_type);
             match &e.payload {
                 Payload::Json(s) => {
-                    rows.data.push(Some(JsonText(s.clone())));
+                    rows.data.push(Some(JsonRef(s)));
                     rows.data_bytes.push(None);
                 }
                 Payload::Bytes(b) => {
                     rows.data.push(None);
-                    rows.data_bytes.push(Some(b.clone()));
+                    rows.data_bytes.push(Some(b));
                 }
             }
-            rows.metadata.push(e.metadata.clone().map(JsonText));
+            rows.metadata.push(e.metadata.as_deref().map(JsonRef));
             rows.created_at.push(e.timestamp);
             rows.partition_key.push(pk);
             if cmd.client_event_ids {
@@ -545,8 +548,8 @@ fn plan(cmds: &[&AppendCommand], snap: &Snapshot) -> (Rows, Keys, Vec<Result<App
             duplicate: false,
         };
         if let Some(key) = cmd.idempotency_key.as_deref() {
-            keys.key.push(key.to_owned());
-            keys.stream_id.push(cmd.stream_id.clone());
+            keys.key.push(key);
+            keys.stream_id.push(&cmd.stream_id);
             keys.version.push(new_version as i64);
             keys.first.push(first as i64);
             keys.last.push(outcome.last_sequence as i64);
@@ -561,7 +564,7 @@ fn plan(cmds: &[&AppendCommand], snap: &Snapshot) -> (Rows, Keys, Vec<Result<App
         results.push(Ok(outcome));
     }
     for s in touched {
-        rows.upsert_stream.push(s.to_owned());
+        rows.upsert_stream.push(s);
         rows.upsert_version.push(streams[s].0 as i64);
     }
     (rows, keys, results, next_seq - 1)
@@ -611,8 +614,8 @@ fn retry_by_event_ids(
 /// been sent (then the outcome is unknown if the connection dropped).
 async fn write_and_commit(
     conn: &mut PgConn,
-    rows: &Rows,
-    keys: &Keys,
+    rows: &Rows<'_>,
+    keys: &Keys<'_>,
     new_head: u64,
     channel: &str,
 ) -> Result<(), (tokio_postgres::Error, bool)> {
@@ -628,7 +631,6 @@ async fn write_and_commit(
     };
     let (insert, upsert, set_head, insert_keys, notify, commit) =
         prepared.await.map_err(|e| (e, false))?;
-    let data_bytes: Vec<Option<&[u8]>> = rows.data_bytes.iter().map(|b| b.as_deref()).collect();
     let head = new_head as i64;
     let head_text = new_head.to_string();
     let client = &conn.client;
@@ -658,7 +660,7 @@ async fn write_and_commit(
         &rows.event_type,
         &rows.content_type,
         &rows.data,
-        &data_bytes,
+        &rows.data_bytes,
         &rows.metadata,
         &rows.created_at,
         &rows.partition_key,
