@@ -11,9 +11,7 @@ use std::{
 use common::*;
 use pgstore::proto;
 use tonic::Code;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 fn spawn_pgstore(url: &str, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_pgstore"))
@@ -148,30 +146,10 @@ async fn acknowledged_appends_survive_a_sigkill_and_none_is_half_written() {
     child.wait().unwrap();
 }
 
-async fn health_status(channel: tonic::transport::Channel, service: &str) -> Option<i32> {
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .ok()
-        .map(|r| r.into_inner().status)
-}
-
-async fn wait_health(channel: &tonic::transport::Channel, want: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let now = health_status(channel.clone(), "").await;
-        let svc = health_status(channel.clone(), "pgstore.v1.EventStore").await;
-        if now == Some(want as i32) && svc == Some(want as i32) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health never became {want:?} (is {now:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Waits until the server and the event store service both report `want`.
+async fn wait_serving(channel: &tonic::transport::Channel, want: ServingStatus) {
+    wait_health(channel, "", want).await;
+    wait_health(channel, "pgstore.v1.EventStore", want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +159,7 @@ async fn postgres_restart_gives_unavailable_then_recovers_without_restarting_pgs
     let server = Server::start(test_config(&url)).await;
     let mut c = server.client().await;
     let channel = server.channel().await;
-    wait_health(&channel, ServingStatus::Serving).await;
+    wait_serving(&channel, ServingStatus::Serving).await;
     let before = c
         .append(append("r", None, vec![json_event("E", "1")]))
         .await
@@ -208,10 +186,10 @@ async fn postgres_restart_gives_unavailable_then_recovers_without_restarting_pgs
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-    wait_health(&channel, ServingStatus::NotServing).await;
+    wait_serving(&channel, ServingStatus::NotServing).await;
 
     pg.restart(FAST);
-    wait_health(&channel, ServingStatus::Serving).await;
+    wait_serving(&channel, ServingStatus::Serving).await;
     // Both paths work again, and nothing acknowledged was lost.
     let after = c
         .append(append("r", None, vec![json_event("E", "3")]))

@@ -132,19 +132,7 @@ async fn three_instances_share_one_log_and_one_consumer_group() {
     .await;
     // More events: processed by the survivors.
     let mut c = clients[0].clone();
-    let mut last = 0;
-    for k in 0..100 {
-        last = c
-            .append(append(
-                &format!("shared-{}", k % 9),
-                None,
-                vec![json_event("E", "{}")],
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .last_sequence;
-    }
+    let last = append_many(&mut c, 100, "shared", 9).await;
     wait_for(
         "every event processed at least once",
         Duration::from_secs(20),

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use pgstore::proto::{self, subscribe_response::Message};
 use tokio_stream::StreamExt;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn next_events(
     sub: &mut tonic::Streaming<proto::SubscribeResponse>,
@@ -31,25 +29,8 @@ async fn next_events(
     }
 }
 
-async fn listener_status(server: &Server) -> i32 {
-    HealthClient::new(server.channel().await)
-        .check(HealthCheckRequest {
-            service: "pgstore.listener".into(),
-        })
-        .await
-        .map(|r| r.into_inner().status)
-        .unwrap_or(-1)
-}
-
 async fn wait_listener(server: &Server, want: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while listener_status(server).await != want as i32 {
-        assert!(
-            Instant::now() < deadline,
-            "listener health never became {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_health(&server.channel().await, "pgstore.listener", want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -74,19 +55,7 @@ async fn delivery_survives_listener_kills_and_a_postgres_restart() {
     let mut got = Vec::new();
     wait_listener(&a, ServingStatus::Serving).await;
 
-    let append_some = async |w: &mut Client, n: usize| {
-        let mut head = 0;
-        for _ in 0..n {
-            head = w
-                .append(append("f", None, vec![json_event("E", "{}")]))
-                .await
-                .unwrap()
-                .into_inner()
-                .last_sequence;
-        }
-        head
-    };
-    let h = append_some(&mut writer, 10).await;
+    let h = append_many(&mut writer, 10, "f", 1).await;
     next_events(&mut sub, &mut got, h).await;
 
     // Kill the listeners' backends repeatedly, appending right after each kill (notifications
@@ -128,10 +97,10 @@ async fn delivery_survives_listener_kills_and_a_postgres_restart() {
             .await
             .unwrap();
         assert_eq!(killed.len(), 2, "one listener per instance");
-        append_some(&mut writer, 5).await;
+        append_many(&mut writer, 5, "f", 1).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let h = append_some(&mut writer, 1).await;
+    let h = append_many(&mut writer, 1, "f", 1).await;
     next_events(&mut sub, &mut got, h).await;
 
     // Full restart of PostgreSQL.
@@ -153,7 +122,7 @@ async fn delivery_survives_listener_kills_and_a_postgres_restart() {
         }
     };
     wait_listener(&a, ServingStatus::Serving).await;
-    let h2 = append_some(&mut writer, 10).await;
+    let h2 = append_many(&mut writer, 10, "f", 1).await;
     assert!(h2 > h);
     next_events(&mut sub, &mut got, h2).await;
 

@@ -168,23 +168,7 @@ async fn a_subscriber_reading_from_a_lagging_replica_misses_nothing() {
             }
         }
     };
-    let writes = async |c: &mut Client, n: usize| {
-        let mut last = 0;
-        for i in 0..n {
-            last = c
-                .append(append(
-                    &format!("sub-{}", i % 7),
-                    None,
-                    vec![json_event("E", "{}")],
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .last_sequence;
-        }
-        last
-    };
-    let h = writes(&mut c, 300).await;
+    let h = append_many(&mut c, 300, "sub", 7).await;
     receive(&mut sub, &mut got, h).await;
     let served_by_replica = metric(metrics_port, "pgstore_replica_reads_total").await;
     assert!(
@@ -193,10 +177,10 @@ async fn a_subscriber_reading_from_a_lagging_replica_misses_nothing() {
     );
 
     replica.stop("fast");
-    let h = writes(&mut c, 200).await;
+    let h = append_many(&mut c, 200, "sub", 7).await;
     receive(&mut sub, &mut got, h).await;
     replica.restart(FAST);
-    let h = writes(&mut c, 100).await;
+    let h = append_many(&mut c, 100, "sub", 7).await;
     receive(&mut sub, &mut got, h).await;
     assert_eq!(
         got,

@@ -539,3 +539,56 @@ pub async fn wait_metric(port: u16, name: &str, want: i64) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Appends `n` one-event appends, round robin over streams `{prefix}-0` .. `{prefix}-{streams-1}`;
+/// returns the last global sequence written.
+pub async fn append_many(c: &mut Client, n: usize, prefix: &str, streams: usize) -> u64 {
+    let mut last = 0;
+    for i in 0..n {
+        last = c
+            .append(append(
+                &format!("{prefix}-{}", i % streams),
+                None,
+                vec![json_event("E", "{}")],
+            ))
+            .await
+            .expect("append")
+            .into_inner()
+            .last_sequence;
+    }
+    last
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+
+/// The health status of `service` ("" = the server), or None when the call fails.
+pub async fn health_status(channel: Channel, service: &str) -> Option<i32> {
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+/// Waits (up to 15 s) until `service` reports `want`.
+pub async fn wait_health(
+    channel: &Channel,
+    service: &str,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = health_status(channel.clone(), service).await;
+        if now == Some(want as i32) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health of {service:?} never became {want:?} (is {now:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
