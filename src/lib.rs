@@ -10,6 +10,7 @@
 //! - [`live`]: the LISTEN connection, subscriptions, consumer groups and change watchers.
 //! - [`metrics`]: per-instance counters and gauges, served on `/metrics`.
 //! - [`embedded`]: a local PostgreSQL cluster managed by pgstore when no database URL is given.
+//! - [`wire`]: events encoded to protobuf straight from rows, and the pre-encoded responses.
 //! - [`error`]: the domain error type and its one mapping to gRPC status codes.
 
 pub mod codec;
@@ -21,6 +22,7 @@ pub mod live;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod wire;
 
 /// Code generated from `proto/pgstore/v1/*.proto`.
 pub mod proto {
@@ -30,6 +32,14 @@ pub mod proto {
     /// The encoded descriptor set of the API, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/pgstore_descriptor.bin"));
+
+    /// The server side of `pgstore.v1.EventStore`, generated with the event-carrying responses as
+    /// [`crate::wire::Frame`] (see `build.rs`).
+    pub mod server {
+        #![allow(clippy::all, missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/server/pgstore.v1.rs"));
+    }
+    pub use server::event_store_server;
 }
 
 pub use error::{Error, Result};

@@ -226,6 +226,10 @@ async fn payloads_metadata_and_timestamps_round_trip() {
         seconds: 1_700_000_000,
         nanos: 123_456_000,
     };
+    let before_1970 = prost_types::Timestamp {
+        seconds: -1_000_001,
+        nanos: 250_000_000,
+    };
     let events = vec![
         proto::EventData {
             event_type: "Json".into(),
@@ -254,6 +258,7 @@ async fn payloads_metadata_and_timestamps_round_trip() {
         proto::EventData {
             event_type: "Empty".into(),
             content_type: "text/plain".into(),
+            timestamp: Some(before_1970),
             ..Default::default()
         },
     ];
@@ -292,6 +297,28 @@ async fn payloads_metadata_and_timestamps_round_trip() {
         Some(proto::recorded_event::Payload::Data(b)) => assert!(b.is_empty()),
         other => panic!("expected empty bytes, got {other:?}"),
     }
+    assert_eq!(e[3].timestamp, Some(before_1970));
+
+    // ReadFrom and Subscribe carry the very same events.
+    let log = c
+        .read_from(proto::ReadFromRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(&log.events, e);
+    let mut sub = c
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut live = Vec::new();
+    while let Some(msg) = sub.message().await.unwrap() {
+        match msg.message {
+            Some(proto::subscribe_response::Message::Event(ev)) => live.push(ev),
+            _ => break,
+        }
+    }
+    assert_eq!(&live, e);
 }
 
 #[tokio::test]

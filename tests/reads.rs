@@ -223,3 +223,63 @@ async fn page_sizes_default_and_are_capped() {
     assert_eq!(page.events.len(), 4);
     assert_eq!(page.next_version, 5);
 }
+
+#[tokio::test]
+async fn paging_reads_ahead_but_never_serves_a_deleted_stream_or_a_stale_end() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    for i in 0..10 {
+        let stream = if i % 2 == 0 { "keep" } else { "gone" };
+        c.append(append(stream, None, vec![json_event("E", &format!("{i}"))]))
+            .await
+            .unwrap();
+    }
+    let page = |from| proto::ReadFromRequest {
+        from_sequence: from,
+        limit: 4,
+        ..Default::default()
+    };
+    // A full page: the next one is read ahead.
+    let p1 = c.read_from(page(1)).await.unwrap().into_inner();
+    assert_eq!(seqs(&p1.events), vec![1, 2, 3, 4]);
+    // Deleting a stream throws the read-ahead away.
+    c.delete_stream(proto::DeleteStreamRequest {
+        stream_id: "gone".into(),
+    })
+    .await
+    .unwrap();
+    let p2 = c
+        .read_from(page(p1.next_sequence))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p2.events.iter().all(|e| e.stream_id == "keep"), "{p2:?}");
+    assert_eq!(seqs(&p2.events), vec![5, 7, 9]);
+    // A short page read ahead is never served: a commit after it is seen.
+    let p3 = c.read_from(page(1)).await.unwrap().into_inner();
+    assert_eq!(seqs(&p3.events), vec![1, 3, 5, 7]);
+    // (the page after p3, [9], was read ahead and is short)
+    c.append(append("keep", None, vec![json_event("E", "10")]))
+        .await
+        .unwrap();
+    let p4 = c
+        .read_from(page(p3.next_sequence))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seqs(&p4.events), vec![9, 11]);
+    // Paging the whole log with and without filters gives what one big read gives.
+    let all = c.read_from(page(0)).await.unwrap().into_inner();
+    let mut paged = Vec::new();
+    let mut from = 1;
+    loop {
+        let p = c.read_from(page(from)).await.unwrap().into_inner();
+        if p.events.is_empty() {
+            break;
+        }
+        paged.extend(p.events);
+        from = p.next_sequence;
+    }
+    assert_eq!(seqs(&paged), vec![1, 3, 5, 7, 9, 11]);
+    assert_eq!(seqs(&all.events), vec![1, 3, 5, 7]);
+}

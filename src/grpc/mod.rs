@@ -4,7 +4,6 @@
 pub mod validate;
 
 use std::{
-    collections::HashMap,
     pin::Pin,
     sync::{Arc, atomic::Ordering},
 };
@@ -22,9 +21,8 @@ use crate::live::{
 };
 use crate::metrics::Metrics;
 use crate::proto::{self, event_store_server::EventStore};
-use crate::store::{
-    Payload, RecordedEvent, Store, StreamState, checkpoints, db, lifecycle, read, snapshots,
-};
+use crate::store::{Store, StreamState, checkpoints, db, lifecycle, read, snapshots};
+use crate::wire::Frame;
 
 /// A server-streaming response.
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -146,32 +144,6 @@ impl EventStoreService {
     }
 }
 
-/// A stored event as the API shows it.
-pub fn recorded(e: RecordedEvent) -> proto::RecordedEvent {
-    use proto::recorded_event::Payload as P;
-    let metadata = e
-        .metadata
-        .and_then(|m| serde_json::from_str::<HashMap<String, String>>(&m).ok())
-        .unwrap_or_default();
-    proto::RecordedEvent {
-        stream_id: e.stream_id,
-        version: e.version,
-        global_sequence: e.seq,
-        event_id: e.event_id.to_string(),
-        event_type: e.event_type,
-        payload: Some(match e.payload {
-            Payload::Json(s) => P::Json(s),
-            Payload::Bytes(b) => P::Data(b),
-        }),
-        content_type: e.content_type,
-        metadata,
-        timestamp: Some(e.created_at.into()),
-        recorded_at: Some(e.recorded_at.into()),
-        partition_key: e.partition_key,
-        partition: 0,
-    }
-}
-
 fn state(s: StreamState) -> i32 {
     (match s {
         StreamState::Active => proto::StreamState::Active,
@@ -198,10 +170,7 @@ impl EventStore for EventStoreService {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
-    async fn load(
-        &self,
-        req: Request<proto::LoadRequest>,
-    ) -> Result<Response<proto::LoadResponse>, Status> {
+    async fn load(&self, req: Request<proto::LoadRequest>) -> Result<Response<Frame>, Status> {
         let r = req.into_inner();
         validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
         validate::position("from_version", r.from_version)?;
@@ -221,20 +190,20 @@ impl EventStore for EventStoreService {
             }
             .into());
         }
-        Ok(Response::new(proto::LoadResponse {
-            end_of_stream: page.next_version.is_none(),
-            next_version: page.next_version.unwrap_or(0),
-            stream_version: page.stream_version,
-            state: state(page.state),
-            events: page.events.into_iter().map(recorded).collect(),
-        }))
+        Ok(Response::new(Frame::load(
+            &page.events,
+            page.stream_version,
+            page.next_version.unwrap_or(0),
+            page.next_version.is_none(),
+            state(page.state),
+        )))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(from = req.get_ref().from_sequence))]
     async fn read_from(
         &self,
         req: Request<proto::ReadFromRequest>,
-    ) -> Result<Response<proto::ReadFromResponse>, Status> {
+    ) -> Result<Response<Frame>, Status> {
         let r = req.into_inner();
         validate::position("from_sequence", r.from_sequence)?;
         validate::position("min_sequence", r.min_sequence)?;
@@ -249,12 +218,12 @@ impl EventStore for EventStoreService {
             stream_prefix: r.stream_prefix,
             partitions: None,
         };
-        let page = self.store.read_log(r.min_sequence, &q).await?;
-        Ok(Response::new(proto::ReadFromResponse {
-            next_sequence: page.next_sequence,
-            head: page.head,
-            events: page.events.into_iter().map(recorded).collect(),
-        }))
+        let page = self.store.read_log_paging(r.min_sequence, &q).await?;
+        Ok(Response::new(Frame::read_from(
+            &page.events,
+            page.next_sequence,
+            page.head,
+        )))
     }
 
     async fn latest_sequence(
@@ -266,7 +235,7 @@ impl EventStore for EventStoreService {
         Ok(Response::new(proto::LatestSequenceResponse { sequence }))
     }
 
-    type SubscribeStream = ResponseStream<proto::SubscribeResponse>;
+    type SubscribeStream = ResponseStream<Frame>;
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %req.get_ref().group, member = %req.get_ref().member))]
     async fn subscribe(
@@ -473,6 +442,8 @@ impl EventStore for EventStoreService {
         let r = req.into_inner();
         validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
         let deleted_events = lifecycle::delete(&mut *self.conn().await?, &r.stream_id).await?;
+        // Pages read ahead before the delete may hold its events.
+        self.store.forget_read_ahead();
         Ok(Response::new(proto::DeleteStreamResponse {
             deleted_events,
         }))

@@ -25,6 +25,7 @@ use crate::error::Error;
 use crate::metrics::GaugeGuard;
 use crate::proto::{self, subscribe_response::Message};
 use crate::store::{Store, db, read};
+use crate::wire::{EncodedEvent, Frame};
 
 /// Live-delivery settings.
 #[derive(Debug, Clone)]
@@ -71,7 +72,7 @@ pub struct LiveContext {
 
 /// Items are boxed: a channel allocates its slots in blocks, and an idle subscriber should cost
 /// a few bytes per slot, not the size of a whole message.
-pub type Item = Result<Box<proto::SubscribeResponse>, Box<Status>>;
+pub type Item = Result<Box<Frame>, Box<Status>>;
 type Tx = mpsc::Sender<Item>;
 
 /// Why a subscriber stops.
@@ -90,10 +91,18 @@ struct Sink {
 }
 
 impl Sink {
+    /// Sends a marker, heartbeat or assignment.
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {
+        self.send_frame(Frame::message(&proto::SubscribeResponse {
+            message: Some(msg),
+        }))
+        .await
+    }
+
+    async fn send_frame(&mut self, frame: Frame) -> Result<(), Stop> {
         let m = &self.ctx.hub.metrics;
         m.buffered.fetch_add(1, Ordering::Relaxed);
-        let item = Ok(Box::new(proto::SubscribeResponse { message: Some(msg) }));
+        let item = Ok(Box::new(frame));
         let sent = tokio::select! {
             r = self.tx.send(item) => r.is_ok(),
             _ = self.ctx.shutdown.cancelled() => {
@@ -305,9 +314,9 @@ enum ReadError {
 
 /// Whether an event passes the subscription's type and prefix filters (the database applies them
 /// itself; events from the shared tail are filtered here).
-fn wanted(sub: &Subscription, e: &proto::RecordedEvent) -> bool {
-    (sub.event_types.is_empty() || sub.event_types.contains(&e.event_type))
-        && e.stream_id.starts_with(&sub.stream_prefix)
+fn wanted(sub: &Subscription, e: &EncodedEvent) -> bool {
+    (sub.event_types.is_empty() || sub.event_types.iter().any(|t| t == e.event_type()))
+        && e.stream_id().starts_with(&sub.stream_prefix)
 }
 
 /// Whether the positions want the event at `seq` (with `partition_key`); if so, moves them past
@@ -336,15 +345,14 @@ fn admit(pos: &mut Positions, seq: u64, partition_key: u32) -> Option<u32> {
     }
 }
 
-/// Sends one admitted event.
+/// Sends one admitted event (its shared bytes).
 async fn send_event(
     ctx: &LiveContext,
     sink: &mut Sink,
-    mut event: proto::RecordedEvent,
+    event: &EncodedEvent,
     partition: u32,
 ) -> Result<(), Stop> {
-    event.partition = partition;
-    sink.send(Message::Event(event)).await?;
+    sink.send_frame(Frame::event(event, partition)).await?;
     ctx.hub
         .metrics
         .events_delivered
@@ -381,9 +389,9 @@ async fn catch_up(
             let more = !events.is_empty() && end < ctx.hub.tail_end();
             for e in events {
                 if wanted(sub, &e)
-                    && let Some(partition) = admit(pos, e.global_sequence, e.partition_key)
+                    && let Some(partition) = admit(pos, e.seq, e.partition_key)
                 {
-                    send_event(ctx, sink, (*e).clone(), partition)
+                    send_event(ctx, sink, &e, partition)
                         .await
                         .map_err(ReadError::Stop)?;
                 }
@@ -418,7 +426,7 @@ async fn catch_up(
         let full = page.events.len() >= q.limit as usize;
         for e in page.events {
             if let Some(partition) = admit(pos, e.seq, e.partition_key) {
-                send_event(ctx, sink, crate::grpc::recorded(e), partition)
+                send_event(ctx, sink, &e, partition)
                     .await
                     .map_err(ReadError::Stop)?;
             }

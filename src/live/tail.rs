@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Hub;
-use crate::proto;
 use crate::store::{Store, db, read};
+use crate::wire::EncodedEvent;
 
 /// The in-memory tail.
 pub struct Tail {
@@ -32,7 +32,7 @@ pub struct Tail {
 struct Inner {
     start: u64,
     end: u64,
-    events: VecDeque<Arc<proto::RecordedEvent>>,
+    events: VecDeque<EncodedEvent>,
 }
 
 impl Tail {
@@ -57,11 +57,7 @@ impl Tail {
     /// Up to `max` events from sequence `from` on, and the end of the range they were taken from
     /// (everything in `[from, end)` not returned does not exist). `None` when the tail does not
     /// cover `from` (it is older than the tail, or the tail is not filled yet).
-    pub fn slice_from(
-        &self,
-        from: u64,
-        max: usize,
-    ) -> Option<(Vec<Arc<proto::RecordedEvent>>, u64)> {
+    pub fn slice_from(&self, from: u64, max: usize) -> Option<(Vec<EncodedEvent>, u64)> {
         let inner = self.inner.read().expect("tail lock");
         if from < inner.start || inner.start == u64::MAX {
             return None;
@@ -69,11 +65,11 @@ impl Tail {
         if from >= inner.end {
             return Some((Vec::new(), inner.end));
         }
-        let first = inner.events.partition_point(|e| e.global_sequence < from);
+        let first = inner.events.partition_point(|e| e.seq < from);
         let taken: Vec<_> = inner.events.range(first..).take(max).cloned().collect();
         let end = if first + taken.len() < inner.events.len() {
             // Stopped at `max`: the range ends just after the last event taken.
-            taken.last().map_or(inner.end, |e| e.global_sequence + 1)
+            taken.last().map_or(inner.end, |e| e.seq + 1)
         } else {
             inner.end
         };
@@ -97,16 +93,14 @@ impl Tail {
     }
 
     /// Appends events read from `end` up to `next_sequence`.
-    fn extend(&self, events: Vec<proto::RecordedEvent>, next_sequence: u64) {
+    fn extend(&self, events: Vec<EncodedEvent>, next_sequence: u64) {
         {
             let mut inner = self.inner.write().expect("tail lock");
-            for e in events {
-                inner.events.push_back(Arc::new(e));
-            }
+            inner.events.extend(events);
             inner.end = inner.end.max(next_sequence);
             while inner.events.len() > self.capacity {
                 if let Some(old) = inner.events.pop_front() {
-                    inner.start = old.global_sequence + 1;
+                    inner.start = old.seq + 1;
                 }
             }
         }
@@ -174,8 +168,7 @@ pub async fn run(
                 let page = store.read_log(0, &q).await?;
                 hub.advance(page.head);
                 let short = page.events.len() < page_size as usize;
-                let events = page.events.into_iter().map(crate::grpc::recorded).collect();
-                tail.extend(events, page.next_sequence);
+                tail.extend(page.events, page.next_sequence);
                 if short {
                     return Ok::<(), crate::Error>(());
                 }
@@ -216,11 +209,11 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    fn ev(seq: u64) -> proto::RecordedEvent {
-        proto::RecordedEvent {
+    fn ev(seq: u64) -> EncodedEvent {
+        EncodedEvent::from_message(&crate::proto::RecordedEvent {
             global_sequence: seq,
             ..Default::default()
-        }
+        })
     }
 
     #[test]
@@ -233,10 +226,7 @@ mod tests {
         // 7 was deleted: the range still covers it.
         t.extend(vec![ev(5), ev(6), ev(8)], 9);
         let (e, end) = t.slice_from(5, 10).unwrap();
-        assert_eq!(
-            e.iter().map(|e| e.global_sequence).collect::<Vec<_>>(),
-            vec![5, 6, 8]
-        );
+        assert_eq!(e.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6, 8]);
         assert_eq!(end, 9);
         let (e, end) = t.slice_from(7, 10).unwrap();
         assert_eq!((e.len(), end), (1, 9));

@@ -6,6 +6,7 @@ pub mod db;
 pub mod lifecycle;
 pub mod migrate;
 pub mod read;
+pub mod readahead;
 pub mod router;
 pub mod snapshots;
 pub mod writer;
@@ -227,6 +228,9 @@ pub struct StoreConfig {
     pub replica: router::ReplicaConfig,
 }
 
+/// Most pages read ahead at once (each up to one ReadFrom page).
+const READ_AHEAD_PAGES: usize = 32;
+
 /// The store: cheap to clone, shared by every request handler.
 #[derive(Clone)]
 pub struct Store {
@@ -237,6 +241,7 @@ struct Inner {
     pool: Pool,
     writer: writer::Handle,
     router: Arc<router::Router>,
+    readahead: readahead::ReadAhead,
 }
 
 impl Store {
@@ -271,6 +276,7 @@ impl Store {
                     pool,
                     writer,
                     router,
+                    readahead: readahead::ReadAhead::new(READ_AHEAD_PAGES),
                 }),
             },
             task,
@@ -290,6 +296,21 @@ impl Store {
     /// Reads the global log through the router: from a replica when one can serve it.
     pub async fn read_log(&self, min_sequence: u64, q: &read::ReadQuery) -> Result<read::LogPage> {
         self.router().read(min_sequence, q).await
+    }
+
+    /// Reads a page of the global log for a client paging through it: like [`Store::read_log`],
+    /// with the next page read ahead while the client takes this one (see [`readahead`]).
+    pub async fn read_log_paging(
+        &self,
+        min_sequence: u64,
+        q: &read::ReadQuery,
+    ) -> Result<read::LogPage> {
+        self.inner.readahead.read(self, min_sequence, q).await
+    }
+
+    /// Forgets the pages read ahead: after anything that removes events (DeleteStream).
+    pub fn forget_read_ahead(&self) {
+        self.inner.readahead.clear();
     }
 
     /// Appends through the group-commit writer.

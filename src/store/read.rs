@@ -5,14 +5,17 @@
 //! snapshot sees a prefix of the log: reading up to the head it reports never skips an event that
 //! commits later.
 
-use std::time::SystemTime;
+use std::{sync::LazyLock, time::SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures_util::{TryStreamExt, pin_mut};
+use postgres_types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{Payload, RecordedEvent, StreamState, db::JsonText, db::PgConn, db::db_err};
 use crate::error::{Error, Result};
+use crate::wire::{EncodedEvent, encode_row};
 
 /// The event columns, in the order [`event_from_row`] expects them.
 macro_rules! event_columns {
@@ -46,18 +49,40 @@ const LOAD_BACKWARDS: &str = concat!(
      ORDER BY e.version DESC"
 );
 
-const READ_FROM: &str = concat!(
-    "WITH h AS (SELECT seq FROM pgstore.head) \
-     SELECT h.seq, ",
-    event_columns!(),
-    " FROM h LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
-        WHERE e.seq >= $1 AND e.seq <= h.seq \
-          AND (cardinality($2::text[]) = 0 OR e.event_type = ANY($2)) \
-          AND ($3 = '' OR starts_with(e.stream_id, $3)) \
-          AND (cardinality($5::int[]) = 0 OR (e.partition_key % $6)::int = ANY($5)) \
-        ORDER BY e.seq LIMIT $4) e ON true \
-     ORDER BY e.seq"
-);
+/// ReadFrom's statement for one combination of filters (bit 0: event types, bit 1: stream prefix,
+/// bit 2: partitions). One statement per combination, so that an unfiltered read evaluates no
+/// filter at all. Parameters: `$1` from, `$2` limit, then those of the filters present, in that
+/// order. No outer `ORDER BY`: the single head row's nested loop returns the inner index scan's
+/// rows in its order (sorting would hold every row back until the last); [`read_from`] checks
+/// that sequences ascend.
+static READ_FROM: LazyLock<[String; 8]> = LazyLock::new(|| {
+    std::array::from_fn(|bits| {
+        let mut filters = String::new();
+        let mut n = 2;
+        let mut param = || {
+            n += 1;
+            n
+        };
+        if bits & 1 != 0 {
+            filters += &format!(" AND e.event_type = ANY(${}::text[])", param());
+        }
+        if bits & 2 != 0 {
+            filters += &format!(" AND starts_with(e.stream_id, ${}::text)", param());
+        }
+        if bits & 4 != 0 {
+            let (owned, count) = (param(), param());
+            filters +=
+                &format!(" AND (e.partition_key % ${count}::bigint)::int = ANY(${owned}::int[])");
+        }
+        format!(
+            "WITH h AS (SELECT seq FROM pgstore.head) \
+             SELECT h.seq, {} FROM h LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
+                WHERE e.seq >= $1 AND e.seq <= h.seq{filters} \
+                ORDER BY e.seq LIMIT $2) e ON true",
+            event_columns!()
+        )
+    })
+});
 
 const HEAD: &str = "SELECT seq FROM pgstore.head";
 
@@ -83,8 +108,8 @@ pub struct StreamPage {
     pub head: u64,
     /// Whether the stream exists (in that snapshot).
     pub found: bool,
-    /// The events.
-    pub events: Vec<RecordedEvent>,
+    /// The events, encoded.
+    pub events: Vec<EncodedEvent>,
     /// The stream's version in the snapshot read.
     pub stream_version: u64,
     /// The stream's state.
@@ -120,8 +145,8 @@ pub struct Partitions {
 /// A page of the global log.
 #[derive(Debug)]
 pub struct LogPage {
-    /// The events, in sequence order.
-    pub events: Vec<RecordedEvent>,
+    /// The events, encoded, in sequence order.
+    pub events: Vec<EncodedEvent>,
     /// Where the next page starts.
     pub next_sequence: u64,
     /// The head in the snapshot read.
@@ -165,9 +190,10 @@ pub async fn load(conn: &mut PgConn, q: &LoadQuery) -> Result<StreamPage> {
     let stream_version = stream_version as u64;
     let state = StreamState::from_code(first.get(2))?;
     let mut events = Vec::with_capacity(rows.len());
+    let mut scratch = BytesMut::with_capacity(rows.len() * 256);
     for row in &rows {
         if row.get::<_, Option<i64>>(3).is_some() {
-            events.push(event_from_row(row, 3)?);
+            events.push(encode_row(row, 3, &mut scratch)?);
         }
     }
     let next_version = if events.len() > q.max_count as usize {
@@ -187,7 +213,6 @@ pub async fn load(conn: &mut PgConn, q: &LoadQuery) -> Result<StreamPage> {
 
 /// Reads a page of the global log.
 pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
-    let stmt = conn.stmt(READ_FROM).await.map_err(db_err)?;
     let from = q.from_sequence.max(1) as i64;
     let limit = i64::from(q.limit);
     let (owned, count): (Vec<i32>, i64) = match &q.partitions {
@@ -197,26 +222,43 @@ pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
         ),
         None => (Vec::new(), 1),
     };
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from, &limit];
+    let mut bits = 0;
+    if !q.event_types.is_empty() {
+        bits |= 1;
+        params.push(&q.event_types);
+    }
+    if !q.stream_prefix.is_empty() {
+        bits |= 2;
+        params.push(&q.stream_prefix);
+    }
+    if q.partitions.is_some() {
+        bits |= 4;
+        params.push(&owned);
+        params.push(&count);
+    }
+    let stmt = conn.stmt(&READ_FROM[bits]).await.map_err(db_err)?;
+    // Rows are encoded as they arrive, while PostgreSQL is still producing the rest.
     let rows = conn
         .client
-        .query(
-            &stmt,
-            &[
-                &from,
-                &q.event_types,
-                &q.stream_prefix,
-                &limit,
-                &owned,
-                &count,
-            ],
-        )
+        .query_raw(&stmt, params.iter().map(|p| *p as &dyn ToSql))
         .await
         .map_err(db_err)?;
-    let head = rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64);
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
+    pin_mut!(rows);
+    let mut head = 0;
+    let mut events: Vec<EncodedEvent> = Vec::with_capacity(q.limit.min(4096) as usize);
+    let mut scratch = BytesMut::new();
+    while let Some(row) = rows.try_next().await.map_err(db_err)? {
+        head = row.get::<_, i64>(0) as u64;
         if row.get::<_, Option<i64>>(1).is_some() {
-            events.push(event_from_row(row, 1)?);
+            if scratch.capacity() < 1024 {
+                scratch.reserve(64 * 1024);
+            }
+            let e = encode_row(&row, 1, &mut scratch)?;
+            if events.last().is_some_and(|last| last.seq >= e.seq) {
+                return Err(Error::Internal("log page out of order".into()));
+            }
+            events.push(e);
         }
     }
     let next_sequence = match events.last() {
@@ -238,7 +280,8 @@ pub async fn latest_sequence(conn: &mut PgConn) -> Result<u64> {
     Ok(row.get::<_, i64>(0) as u64)
 }
 
-/// Decodes the event columns starting at `at`.
+/// Decodes the event columns starting at `at` into owned values (what a client of the raw table
+/// does; the server itself encodes rows straight to protobuf with [`crate::wire::encode_row`]).
 pub fn event_from_row(row: &Row, at: usize) -> Result<RecordedEvent> {
     let data: Option<JsonText> = row.get(at + 6);
     let data_bytes: Option<Vec<u8>> = row.get(at + 7);
