@@ -24,6 +24,8 @@ pub struct Metrics {
     pub events_written: AtomicU64,
     /// Write transactions committed (group commits).
     pub batches: AtomicU64,
+    /// One-round-trip commits that found the writer's memory stale (and were redone reading).
+    pub append_rereads: AtomicU64,
     /// Whether the LISTEN connection is up (0/1).
     pub listener_connected: AtomicI64,
     /// LISTEN reconnections after a loss.
@@ -95,7 +97,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed) as i64;
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, i64); 16] = [
+        let rows: [(&str, &str, &str, i64); 17] = [
             (
                 "pgstore_replica_reads_total",
                 "counter",
@@ -125,6 +127,12 @@ impl Metrics {
                 "counter",
                 "Group commits.",
                 c(&self.batches),
+            ),
+            (
+                "pgstore_write_rereads_total",
+                "counter",
+                "One-round-trip commits redone with a read first (another writer moved the log).",
+                c(&self.append_rereads),
             ),
             (
                 "pgstore_listener_connected",

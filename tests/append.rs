@@ -378,3 +378,77 @@ async fn tombstoned_and_archived_streams_refuse_appends() {
     }
     assert_eq!(read_all(&mut c).await.len(), 2);
 }
+
+/// The writer plans from what it remembers and proves it under the lock; when another instance
+/// or a lifecycle change made that memory stale, the append is redone reading first, and the
+/// result is what a fresh read would have given.
+#[tokio::test]
+async fn a_stale_writer_memory_is_detected_and_the_append_redone() {
+    let url = fresh_db().await;
+    let metrics_port = free_port();
+    let mut config = test_config(&url);
+    config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
+    let a = Server::start(config).await;
+    let b = Server::fresh_on(&url).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let one = |s: &str, v| append(s, v, vec![json_event("E", "{}")]);
+
+    // a remembers t as active; b tombstones it (the head does not move): a's append is
+    // refused, nothing written.
+    ca.append(one("t", None)).await.unwrap();
+    cb.tombstone_stream(proto::TombstoneStreamRequest {
+        stream_id: "t".into(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let err = ca.append(one("t", None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        metric(metrics_port, "pgstore_write_rereads_total").await,
+        1,
+        "the one-round-trip attempt saw the stream's state had changed"
+    );
+    tokio::time::sleep(
+        pgstore::store::writer::FAST_PATH_REST + std::time::Duration::from_millis(100),
+    )
+    .await;
+
+    // a remembers s at version 1; b moves it and the head.
+    ca.append(one("s", None)).await.unwrap();
+    cb.append(one("s", None)).await.unwrap();
+    let r = ca.append(one("s", None)).await.unwrap().into_inner();
+    assert_eq!((r.version, r.first_sequence), (3, 4));
+    assert_eq!(
+        metric(metrics_port, "pgstore_write_rereads_total").await,
+        2,
+        "the one-round-trip attempt saw the head had moved"
+    );
+    // Memory refreshed: an exact expectation that only a fresh read satisfies.
+    let r = ca.append(one("s", exact(3))).await.unwrap().into_inner();
+    assert_eq!(r.version, 4);
+
+    // b deletes a stream a remembers; a starts it again from version 1.
+    ca.append(one("u", None)).await.unwrap();
+    cb.delete_stream(proto::DeleteStreamRequest {
+        stream_id: "u".into(),
+    })
+    .await
+    .unwrap();
+    let r = ca.append(one("u", exact(0))).await.unwrap().into_inner();
+    assert_eq!(r.version, 1);
+
+    // Sequences only went up (u's first events were deleted), and s's versions are dense.
+    let all = read_all(&mut ca).await;
+    assert!(
+        all.windows(2)
+            .all(|w| w[0].global_sequence < w[1].global_sequence)
+    );
+    assert_eq!(all.last().unwrap().global_sequence, 7);
+    let s: Vec<u64> = all
+        .iter()
+        .filter(|e| e.stream_id == "s")
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(s, vec![1, 2, 3, 4]);
+}

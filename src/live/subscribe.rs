@@ -102,13 +102,17 @@ impl Sink {
     async fn send_frame(&mut self, frame: Frame) -> Result<(), Stop> {
         let m = &self.ctx.hub.metrics;
         m.buffered.fetch_add(1, Ordering::Relaxed);
-        let item = Ok(Box::new(frame));
-        let sent = tokio::select! {
-            r = self.tx.send(item) => r.is_ok(),
-            _ = self.ctx.shutdown.cancelled() => {
-                m.buffered.fetch_sub(1, Ordering::Relaxed);
-                return Err(shutting_down());
-            }
+        // Room in the buffer (the usual case): no waiting, nothing to register.
+        let sent = match self.tx.try_send(Ok(Box::new(frame))) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(item)) => tokio::select! {
+                r = self.tx.send(item) => r.is_ok(),
+                _ = self.ctx.shutdown.cancelled() => {
+                    m.buffered.fetch_sub(1, Ordering::Relaxed);
+                    return Err(shutting_down());
+                }
+            },
         };
         if !sent {
             m.buffered.fetch_sub(1, Ordering::Relaxed);
@@ -231,6 +235,17 @@ async fn deliver(
     // A group member starts with its first assignment.
     let mut reassign_needed = group.is_some();
     let mut retry_delay = Duration::from_millis(50);
+    // One timer for the safety poll and the heartbeat, re-armed only when it fires: nothing to
+    // set up or tear down per event.
+    let (poll, heartbeat) = (ctx.config.poll_interval, ctx.config.heartbeat);
+    let mut next_poll = tokio::time::Instant::now() + poll;
+    let timer = tokio::time::sleep_until(next_poll.min(sink.last_sent + heartbeat));
+    tokio::pin!(timer);
+    let closed_tx = sink.tx.clone();
+    let closed = closed_tx.closed();
+    tokio::pin!(closed);
+    let cancelled = ctx.shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         // Mark the current wake-up values seen before reading, so a commit during the read wakes
         // us again.
@@ -273,15 +288,14 @@ async fn deliver(
                     tracing::debug!(error = %e, "subscriber read failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(retry_delay) => {}
-                        _ = sink.tx.closed() => return Err(Stop::Gone),
-                        _ = ctx.shutdown.cancelled() => return Err(shutting_down()),
+                        _ = &mut closed => return Err(Stop::Gone),
+                        _ = &mut cancelled => return Err(shutting_down()),
                     }
                     retry_delay = (retry_delay * 2).min(Duration::from_secs(1));
                     continue;
                 }
             }
         }
-        let heartbeat_at = sink.last_sent + ctx.config.heartbeat;
         let owned_changed = async {
             match group.as_mut() {
                 Some((_, rx)) => {
@@ -297,12 +311,19 @@ async fn deliver(
             _ = tail_rx.changed() => {}
             _ = epoch_rx.changed() => must_read = true,
             _ = owned_changed => reassign_needed = true,
-            _ = tokio::time::sleep(ctx.config.poll_interval) => must_read = true,
-            _ = tokio::time::sleep_until(heartbeat_at) => {
-                sink.send(Message::Heartbeat(proto::Heartbeat { head: hub.head() })).await?;
+            () = &mut timer => {
+                let now = tokio::time::Instant::now();
+                if now >= next_poll {
+                    must_read = true;
+                    next_poll = now + poll;
+                }
+                if now >= sink.last_sent + heartbeat {
+                    sink.send(Message::Heartbeat(proto::Heartbeat { head: hub.head() })).await?;
+                }
+                timer.as_mut().reset(next_poll.min(sink.last_sent + heartbeat));
             }
-            _ = sink.tx.closed() => return Err(Stop::Gone),
-            _ = ctx.shutdown.cancelled() => return Err(shutting_down()),
+            _ = &mut closed => return Err(Stop::Gone),
+            _ = &mut cancelled => return Err(shutting_down()),
         }
     }
 }

@@ -18,6 +18,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0002_groups.sql"),
     ),
     (3, "locks", include_str!("../../migrations/0003_locks.sql")),
+    (
+        4,
+        "append_batch",
+        include_str!("../../migrations/0004_append_batch.sql"),
+    ),
 ];
 
 /// Applies every migration not applied yet. Returns how many were applied.

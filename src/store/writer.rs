@@ -8,11 +8,23 @@
 //!    client event ids and idempotency keys already stored: one pipelined round trip.
 //! 2. In memory, check every append in queue order against the versions as its batch-mates leave
 //!    them: a conflicting append fails alone, a retry gets its original result.
-//! 3. Insert all events with one `UNNEST` statement, upsert stream versions, move the head, record
-//!    idempotency keys, `pg_notify` the new head once, `COMMIT`: a second pipelined round trip.
+//! 3. One `pgstore.append_batch(...)` statement (migration 0004) takes the rows as arrays, inserts
+//!    all events, upserts stream versions, moves the head, records idempotency keys and
+//!    `pg_notify`s the new head once; `COMMIT` follows in the same round trip.
 //! 4. Answer every caller.
 //!
 //! A commit costs one WAL flush whether it carries one append or hundreds.
+//!
+//! **One round trip when the writer remembers.** After each commit the writer remembers the log
+//! head and the versions of the streams it saw. When every stream of the next batch is
+//! remembered and the batch plans without a conflict or retry, the whole append is ONE statement
+//! in its own implicit transaction: `pgstore.append_batch` with the remembered head and versions,
+//! which takes the global lock and raises `PGS01` unless the memory is exactly right before it
+//! writes anything. If the check fails (another instance wrote, a lifecycle change) or a client
+//! event id or idempotency key turns out to be stored already (unique violation), nothing was
+//! written; the writer forgets, and commits the batch the two-round-trip way, which reads first.
+//! After a failed check the one-round-trip path rests for a while ([`FAST_PATH_REST`]), so several
+//! instances writing to one database do not pay a wasted round trip per batch.
 
 use std::{
     collections::HashMap,
@@ -108,6 +120,7 @@ pub fn spawn(
         conn: None,
         head: head_tx,
         metrics,
+        memory: Memory::default(),
     };
     let task = tokio::spawn(writer.run(rx, shutdown));
     (Handle { tx, head }, task)
@@ -120,6 +133,7 @@ struct Writer {
     conn: Option<PgConn>,
     head: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    memory: Memory,
 }
 
 const BEGIN: &str = "BEGIN";
@@ -132,21 +146,68 @@ const FIND_EVENT_IDS: &str =
     "SELECT event_id, stream_id, version, seq FROM pgstore.events WHERE event_id = ANY($1)";
 const FIND_KEYS: &str = "SELECT key, stream_id, version, first_seq, last_seq \
      FROM pgstore.idempotency_keys WHERE key = ANY($1)";
-const INSERT_EVENTS: &str = "INSERT INTO pgstore.events \
-     (seq, stream_id, version, event_id, event_type, content_type, data, data_bytes, metadata, \
-      created_at, recorded_at, partition_key) \
-     SELECT s, sid, v, eid, et, ct, d, b, m, coalesce(ts, now()), now(), pk \
-     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], \
-                 $7::jsonb[], $8::bytea[], $9::jsonb[], $10::timestamptz[], $11::bigint[]) \
-          AS t(s, sid, v, eid, et, ct, d, b, m, ts, pk)";
-const UPSERT_STREAMS: &str = "INSERT INTO pgstore.streams (stream_id, version) \
-     SELECT * FROM unnest($1::text[], $2::bigint[]) \
-     ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, updated_at = now()";
-const SET_HEAD: &str = "UPDATE pgstore.head SET seq = $1";
-const INSERT_KEYS: &str = "INSERT INTO pgstore.idempotency_keys \
-     (key, stream_id, version, first_seq, last_seq) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])";
-const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+/// Every write of a batch in one statement (migration 0004).
+const APPEND_BATCH: &str = "SELECT pgstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)";
+
+/// The SQLSTATE `pgstore.check_append` raises when the writer's memory is stale.
+const STALE_MEMORY: &str = "PGS01";
+/// How long the one-round-trip path rests after the memory proved stale.
+pub const FAST_PATH_REST: Duration = Duration::from_secs(1);
+/// Most streams remembered (beyond it the memory starts afresh).
+const REMEMBERED_STREAMS: usize = 100_000;
+
+/// What the writer knows of the database from its own transactions.
+#[derive(Default)]
+struct Memory {
+    /// The log head after the last transaction, if known.
+    head: Option<u64>,
+    /// Stream versions and states as last seen or written.
+    streams: HashMap<String, (u64, StreamState)>,
+    /// No one-round-trip attempt before this.
+    rest_until: Option<std::time::Instant>,
+}
+
+impl Memory {
+    fn forget(&mut self) {
+        self.head = None;
+        self.streams.clear();
+    }
+
+    fn remember(
+        &mut self,
+        head: u64,
+        streams: impl IntoIterator<Item = (String, (u64, StreamState))>,
+    ) {
+        if self.streams.len() > REMEMBERED_STREAMS {
+            self.streams.clear();
+        }
+        self.head = Some(head);
+        self.streams.extend(streams);
+    }
+
+    /// A snapshot to plan `cmds` from without reading, if every stream is remembered.
+    fn snapshot(&self, cmds: &[&AppendCommand]) -> Option<Snapshot> {
+        let head = self.head?;
+        if self
+            .rest_until
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return None;
+        }
+        let mut streams = HashMap::new();
+        for c in cmds {
+            let s = self.streams.get(c.stream_id.as_str())?;
+            streams.insert(c.stream_id.clone(), *s);
+        }
+        Some(Snapshot {
+            head,
+            streams,
+            event_ids: HashMap::new(),
+            keys: HashMap::new(),
+        })
+    }
+}
 
 /// Where an already-stored event or keyed append sits.
 #[derive(Clone)]
@@ -229,7 +290,8 @@ impl Writer {
     /// Commits a batch and answers its callers.
     async fn commit(&mut self, batch: Vec<Request>) {
         let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
-        match self.try_commit(&cmds).await {
+        let r = self.try_commit(&cmds).await;
+        match r {
             Ok(results) => {
                 let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
                 self.metrics.appends.fetch_add(ok, Ordering::Relaxed);
@@ -269,6 +331,72 @@ impl Writer {
         &mut self,
         cmds: &[&AppendCommand],
     ) -> Result<Vec<Result<AppendOutcome>>, Failure> {
+        if let Some(snapshot) = self.memory.snapshot(cmds) {
+            let (rows, keys, results, new_head) = plan(cmds, &snapshot);
+            let clean = results
+                .iter()
+                .all(|r| r.as_ref().is_ok_and(|o| !o.duplicate));
+            if clean && !rows.seq.is_empty() {
+                match self
+                    .commit_in_one(&snapshot, &rows, &keys, new_head)
+                    .await?
+                {
+                    true => return Ok(results),
+                    false => {
+                        self.metrics.append_rereads.fetch_add(1, Ordering::Relaxed);
+                        self.memory.forget();
+                        self.memory.rest_until = Some(std::time::Instant::now() + FAST_PATH_REST);
+                    }
+                }
+            }
+        }
+        self.commit_in_two(cmds).await
+    }
+
+    /// The one-round-trip commit from memory. `Ok(false)`: the memory was stale (or an id or key
+    /// is stored already) and nothing was written.
+    async fn commit_in_one(
+        &mut self,
+        snapshot: &Snapshot,
+        rows: &Rows<'_>,
+        keys: &Keys<'_>,
+        new_head: u64,
+    ) -> Result<bool, Failure> {
+        let channel = self.channel.clone();
+        let conn = self.connection().await.map_err(Failure::All)?;
+        let (stream_ids, versions): (Vec<&str>, Vec<i64>) = snapshot
+            .streams
+            .iter()
+            .map(|(s, (v, _))| (s.as_str(), *v as i64))
+            .unzip();
+        let check = Check {
+            head: snapshot.head as i64,
+            stream_ids,
+            versions,
+        };
+        match write_and_commit(conn, Some(&check), rows, keys, new_head, &channel).await {
+            Ok(()) => {
+                self.committed(rows, new_head, []);
+                Ok(true)
+            }
+            Err((e, _))
+                if e.code().is_some_and(|c| {
+                    c.code() == STALE_MEMORY || *c == SqlState::UNIQUE_VIOLATION
+                }) =>
+            {
+                // The failed statement aborted the transaction and COMMIT ended it: nothing
+                // was written.
+                Ok(false)
+            }
+            Err((e, commit_sent)) => Err(self.failed(e, commit_sent).await),
+        }
+    }
+
+    /// The two-round-trip commit: read under the lock, check, write.
+    async fn commit_in_two(
+        &mut self,
+        cmds: &[&AppendCommand],
+    ) -> Result<Vec<Result<AppendOutcome>>, Failure> {
         let channel = self.channel.clone();
         let conn = self.connection().await.map_err(Failure::All)?;
         let read = read_under_lock(conn, cmds).await;
@@ -286,33 +414,57 @@ impl Writer {
                 Err(e) => Err(e),
             } {
                 self.conn = None;
+                self.memory.forget();
                 tracing::warn!(error = %e, "rollback failed");
+            } else {
+                self.memory.remember(snapshot.head, snapshot.streams);
             }
             return Ok(results);
         }
-        match write_and_commit(conn, &rows, &keys, new_head, &channel).await {
+        match write_and_commit(conn, None, &rows, &keys, new_head, &channel).await {
             Ok(()) => {
-                self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .events_written
-                    .fetch_add(rows.seq.len() as u64, Ordering::Relaxed);
-                self.head.send_replace(new_head);
+                self.committed(&rows, new_head, snapshot.streams);
                 Ok(results)
             }
-            Err((e, commit_sent)) => {
-                let data_error = e
-                    .code()
-                    .is_some_and(|c| c.code().starts_with("22") || *c == SqlState::CHECK_VIOLATION);
-                let connection_lost = is_connection_error(&e);
-                let err = self.abandon(e).await;
-                if connection_lost && commit_sent {
-                    Err(Failure::All(Error::CommitOutcomeUnknown))
-                } else if data_error {
-                    Err(Failure::Data(Error::invalid("events", err.to_string())))
-                } else {
-                    Err(Failure::All(err))
-                }
-            }
+            Err((e, commit_sent)) => Err(self.failed(e, commit_sent).await),
+        }
+    }
+
+    /// Bookkeeping after a commit: metrics, the head, the memory.
+    fn committed(
+        &mut self,
+        rows: &Rows<'_>,
+        new_head: u64,
+        seen: impl IntoIterator<Item = (String, (u64, StreamState))>,
+    ) {
+        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .events_written
+            .fetch_add(rows.seq.len() as u64, Ordering::Relaxed);
+        self.head.send_replace(new_head);
+        let written = rows
+            .upsert_stream
+            .iter()
+            .zip(&rows.upsert_version)
+            .map(|(s, v)| ((*s).to_owned(), (*v as u64, StreamState::Active)));
+        self.memory
+            .remember(new_head, seen.into_iter().chain(written));
+    }
+
+    /// Maps a failed write: a data error lets the batch be retried append by append.
+    async fn failed(&mut self, e: tokio_postgres::Error, commit_sent: bool) -> Failure {
+        self.memory.forget();
+        let data_error = e
+            .code()
+            .is_some_and(|c| c.code().starts_with("22") || *c == SqlState::CHECK_VIOLATION);
+        let connection_lost = is_connection_error(&e);
+        let err = self.abandon(e).await;
+        if connection_lost && commit_sent {
+            Failure::All(Error::CommitOutcomeUnknown)
+        } else if data_error {
+            Failure::Data(Error::invalid("events", err.to_string()))
+        } else {
+            Failure::All(err)
         }
     }
 
@@ -610,49 +762,39 @@ fn retry_by_event_ids(
     }))
 }
 
-/// Phase 3: write everything, notify, commit, in one round trip. On error, says whether COMMIT had
-/// been sent (then the outcome is unknown if the connection dropped).
+/// What `pgstore.check_append` is to prove before a one-round-trip commit.
+struct Check<'a> {
+    head: i64,
+    stream_ids: Vec<&'a str>,
+    versions: Vec<i64>,
+}
+
+/// Phase 3: write everything and notify with one `pgstore.append_batch` statement, then commit.
+/// With `check`, that statement is the whole append: its own implicit transaction, which first
+/// checks the writer's memory (one round trip, one message each way). Without, it runs in the
+/// transaction phase 1 began, and `COMMIT` is pipelined after it. On error, says whether the
+/// commit had been asked for (then the outcome is unknown if the connection dropped).
 async fn write_and_commit(
     conn: &mut PgConn,
+    check: Option<&Check<'_>>,
     rows: &Rows<'_>,
     keys: &Keys<'_>,
     new_head: u64,
     channel: &str,
 ) -> Result<(), (tokio_postgres::Error, bool)> {
     let prepared = async {
-        Ok::<_, tokio_postgres::Error>((
-            conn.stmt(INSERT_EVENTS).await?,
-            conn.stmt(UPSERT_STREAMS).await?,
-            conn.stmt(SET_HEAD).await?,
-            conn.stmt(INSERT_KEYS).await?,
-            conn.stmt(NOTIFY).await?,
-            conn.stmt(COMMIT).await?,
-        ))
+        Ok::<_, tokio_postgres::Error>((conn.stmt(APPEND_BATCH).await?, conn.stmt(COMMIT).await?))
     };
-    let (insert, upsert, set_head, insert_keys, notify, commit) =
-        prepared.await.map_err(|e| (e, false))?;
+    let (append, commit) = prepared.await.map_err(|e| (e, false))?;
     let head = new_head as i64;
-    let head_text = new_head.to_string();
-    let client = &conn.client;
-    let write_keys = async {
-        if keys.key.is_empty() {
-            Ok(0)
-        } else {
-            client
-                .execute(
-                    &insert_keys,
-                    &[
-                        &keys.key,
-                        &keys.stream_id,
-                        &keys.version,
-                        &keys.first,
-                        &keys.last,
-                    ],
-                )
-                .await
-        }
+    let (check_head, check_streams, check_versions) = match check {
+        Some(c) => (Some(c.head), Some(&c.stream_ids), Some(&c.versions)),
+        None => (None, None, None),
     };
-    let insert_params: [&(dyn ToSql + Sync); 11] = [
+    let params: [&(dyn ToSql + Sync); 23] = [
+        &check_head,
+        &check_streams,
+        &check_versions,
         &rows.seq,
         &rows.stream_id,
         &rows.version,
@@ -664,33 +806,28 @@ async fn write_and_commit(
         &rows.metadata,
         &rows.created_at,
         &rows.partition_key,
+        &rows.upsert_stream,
+        &rows.upsert_version,
+        &keys.key,
+        &keys.stream_id,
+        &keys.version,
+        &keys.first,
+        &keys.last,
+        &head,
+        &channel,
     ];
-    let upsert_params: [&(dyn ToSql + Sync); 2] = [&rows.upsert_stream, &rows.upsert_version];
-    let head_params: [&(dyn ToSql + Sync); 1] = [&head];
-    let notify_params: [&(dyn ToSql + Sync); 2] = [&channel, &head_text];
-    let (inserted, upserted, head_set, keys_written, notified, committed) = tokio::join!(
-        client.execute(&insert, &insert_params),
-        client.execute(&upsert, &upsert_params),
-        client.execute(&set_head, &head_params),
-        write_keys,
-        client.execute(&notify, &notify_params),
-        client.execute(&commit, &[]),
-    );
-    // The first error in pipeline order is the cause.
-    let first_error = [
-        inserted,
-        upserted,
-        head_set,
-        keys_written,
-        notified,
-        committed,
-    ]
-    .into_iter()
-    .find_map(Result::err);
-    match first_error {
-        None => Ok(()),
-        Some(e) => Err((e, true)),
-    }
+    let client = &conn.client;
+    let result = if check.is_some() {
+        client.execute(&append, &params).await.map(|_| ())
+    } else {
+        let (appended, committed) = tokio::join!(
+            client.execute(&append, &params),
+            client.execute(&commit, &[])
+        );
+        // The first error in pipeline order is the cause.
+        appended.and(committed).map(|_| ())
+    };
+    result.map_err(|e| (e, true))
 }
 
 fn clone_err(e: &Error) -> Error {

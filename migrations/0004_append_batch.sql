@@ -1,0 +1,71 @@
+-- The writes of one group commit as ONE statement: the writer sends a batch's rows as arrays and
+-- this function inserts the events, moves the streams and the head, records idempotency keys and
+-- notifies listeners. One statement means one message each way instead of one per write.
+--
+-- With `check_head` set, the call is a whole append on its own (an implicit transaction): the
+-- writer planned the batch from what it remembers of the log head and of the streams' versions,
+-- and the function first takes the global lock and proves that memory right, or raises PGS01 and
+-- nothing is written (the writer then reads first and plans again). Without it, the caller has
+-- already taken the lock and checked, in its own transaction.
+CREATE FUNCTION pgstore.append_batch(
+    check_head       bigint,
+    check_streams    text[],
+    check_versions   bigint[],
+    seqs             bigint[],
+    stream_ids       text[],
+    versions         bigint[],
+    event_ids        uuid[],
+    event_types      text[],
+    content_types    text[],
+    datas            jsonb[],
+    datas_bytes      bytea[],
+    metadatas        jsonb[],
+    created          timestamptz[],
+    partition_keys   bigint[],
+    upsert_streams   text[],
+    upsert_versions  bigint[],
+    key_names        text[],
+    key_streams      text[],
+    key_versions     bigint[],
+    key_firsts       bigint[],
+    key_lasts        bigint[],
+    new_head         bigint,
+    channel          text
+) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    head_seq bigint;
+BEGIN
+    IF check_head IS NOT NULL THEN
+        SELECT seq INTO head_seq FROM pgstore.head FOR UPDATE;
+        IF head_seq IS DISTINCT FROM check_head THEN
+            RAISE EXCEPTION 'log head is % (expected %)', head_seq, check_head
+                USING ERRCODE = 'PGS01';
+        END IF;
+        -- An absent stream counts as version 0; only active streams are written.
+        IF EXISTS (
+            SELECT 1
+            FROM unnest(check_streams, check_versions) AS x(stream_id, version)
+            LEFT JOIN pgstore.streams s USING (stream_id)
+            WHERE coalesce(s.version, 0) <> x.version OR coalesce(s.state, 1) <> 1
+        ) THEN
+            RAISE EXCEPTION 'stream versions moved' USING ERRCODE = 'PGS01';
+        END IF;
+    END IF;
+    INSERT INTO pgstore.events
+        (seq, stream_id, version, event_id, event_type, content_type, data, data_bytes, metadata,
+         created_at, recorded_at, partition_key)
+    SELECT s, sid, v, eid, et, ct, d, b, m, coalesce(ts, now()), now(), pk
+    FROM unnest(seqs, stream_ids, versions, event_ids, event_types, content_types, datas,
+                datas_bytes, metadatas, created, partition_keys)
+        AS t(s, sid, v, eid, et, ct, d, b, m, ts, pk);
+    INSERT INTO pgstore.streams (stream_id, version)
+    SELECT * FROM unnest(upsert_streams, upsert_versions)
+    ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, updated_at = now();
+    UPDATE pgstore.head SET seq = new_head;
+    IF cardinality(key_names) > 0 THEN
+        INSERT INTO pgstore.idempotency_keys (key, stream_id, version, first_seq, last_seq)
+        SELECT * FROM unnest(key_names, key_streams, key_versions, key_firsts, key_lasts);
+    END IF;
+    PERFORM pg_notify(channel, new_head::text);
+END
+$$;
