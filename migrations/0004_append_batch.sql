@@ -51,13 +51,15 @@ BEGIN
             RAISE EXCEPTION 'stream versions moved' USING ERRCODE = 'PGS01';
         END IF;
     END IF;
+    -- unnest() in a select list walks the arrays in step without materialising them first.
     INSERT INTO pgstore.events
         (seq, stream_id, version, event_id, event_type, content_type, data, data_bytes, metadata,
          created_at, recorded_at, partition_key)
     SELECT s, sid, v, eid, et, ct, d, b, m, coalesce(ts, now()), now(), pk
-    FROM unnest(seqs, stream_ids, versions, event_ids, event_types, content_types, datas,
-                datas_bytes, metadatas, created, partition_keys)
-        AS t(s, sid, v, eid, et, ct, d, b, m, ts, pk);
+    FROM (SELECT unnest(seqs) AS s, unnest(stream_ids) AS sid, unnest(versions) AS v,
+                 unnest(event_ids) AS eid, unnest(event_types) AS et,
+                 unnest(content_types) AS ct, unnest(datas) AS d, unnest(datas_bytes) AS b,
+                 unnest(metadatas) AS m, unnest(created) AS ts, unnest(partition_keys) AS pk) t;
     INSERT INTO pgstore.streams (stream_id, version)
     SELECT * FROM unnest(upsert_streams, upsert_versions)
     ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, updated_at = now();
