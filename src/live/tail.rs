@@ -149,6 +149,7 @@ pub async fn run(
             }
             continue;
         }
+        let before = tail.end();
         let result = async {
             if !started {
                 let mut conn = db::get(store.pool()).await?;
@@ -188,11 +189,14 @@ pub async fn run(
             }
         }
         if hub.head() >= tail.end() {
-            // More is committed than we could read: more arrived meanwhile, or a replica has not
-            // replayed it yet. Give it a moment, then read again.
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            // More is committed than we could read. If this read made progress, more arrived
+            // meanwhile: read again at once. If not, a replica has not replayed it yet: give it a
+            // moment.
+            if tail.end() == before {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                }
             }
             continue;
         }
