@@ -17,7 +17,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tonic::Status;
 
 use super::{Hub, groups};
@@ -395,13 +395,15 @@ fn scanned_to(pos: &mut Positions, end: u64) {
 
 /// Delivers what is new: from the shared in-memory tail when it covers the subscriber's position,
 /// else from the database in pages until a page comes back short (the subscriber reached the
-/// head).
+/// head). While a full page is being sent, the next one is already being read.
 async fn catch_up(
     ctx: &LiveContext,
     sub: &Subscription,
     sink: &mut Sink,
     pos: &mut Positions,
 ) -> Result<(), ReadError> {
+    // The next page, read while this one is sent: (where it starts, the read).
+    let mut ahead: Option<(u64, AbortOnDropHandle<crate::Result<read::LogPage>>)> = None;
     loop {
         let Some(from) = pos.from() else {
             return Ok(()); // a group member owning no partition
@@ -437,17 +439,30 @@ async fn catch_up(
             stream_prefix: sub.stream_prefix.clone(),
             partitions,
         };
-        let page = {
-            let mut conn = db::get(ctx.store.pool()).await.map_err(ReadError::Db)?;
-            read::read_from(&mut conn, &q)
+        let page = match ahead.take() {
+            Some((start, read)) if start == from => read
                 .await
-                .map_err(ReadError::Db)?
+                .map_err(|e| ReadError::Db(Error::Internal(e.to_string())))?
+                .map_err(ReadError::Db)?,
+            _ => read_page(ctx.store.clone(), q.clone())
+                .await
+                .map_err(ReadError::Db)?,
         };
         ctx.hub.advance(page.head);
         let full = page.events.len() >= q.limit as usize;
-        for e in page.events {
+        if full {
+            let next = read::ReadQuery {
+                from_sequence: page.next_sequence,
+                ..q
+            };
+            ahead = Some((
+                page.next_sequence,
+                AbortOnDropHandle::new(tokio::spawn(read_page(ctx.store.clone(), next))),
+            ));
+        }
+        for e in &page.events {
             if let Some(partition) = admit(pos, e.seq, e.partition_key) {
-                send_event(ctx, sink, &e, partition)
+                send_event(ctx, sink, e, partition)
                     .await
                     .map_err(ReadError::Stop)?;
             }
@@ -458,6 +473,12 @@ async fn catch_up(
             return Ok(());
         }
     }
+}
+
+/// One catch-up page from the primary.
+async fn read_page(store: Store, q: read::ReadQuery) -> crate::Result<read::LogPage> {
+    let mut conn = db::get(store.pool()).await?;
+    read::read_from(&mut conn, &q).await
 }
 
 /// Applies a new set of owned partitions: new ones start after their checkpoint.
