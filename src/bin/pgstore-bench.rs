@@ -450,6 +450,18 @@ async fn main() {
     }
 }
 
+/// The log head.
+async fn latest(target: &str) -> u64 {
+    EventStoreClient::connect(target.to_owned())
+        .await
+        .expect("connect")
+        .latest_sequence(proto::LatestSequenceRequest::default())
+        .await
+        .expect("latest")
+        .into_inner()
+        .sequence
+}
+
 /// Appends until the log holds `events` events (100-event appends from 8 clients).
 async fn ensure_log(target: &str, events: u64, payload: &str) -> u64 {
     let mut c = EventStoreClient::connect(target.to_owned())
@@ -511,7 +523,19 @@ async fn ensure_log(target: &str, events: u64, payload: &str) -> u64 {
 
 async fn read_scenario(a: ReadArgs) {
     let payload = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
+    let before = latest(&a.common.target).await;
     let head = ensure_log(&a.common.target, a.events, &payload).await;
+    if head > before
+        && let Some(url) = &a.common.database_url
+    {
+        // Statistics for the table just filled, as autovacuum would gather within a minute:
+        // until then the server's cached plans were made for a small table.
+        raw_client(url)
+            .await
+            .batch_execute("ANALYZE pgstore.events")
+            .await
+            .expect("analyze");
+    }
     println!("read: catch-up of {head} events, page {}", a.page);
     let mut c = EventStoreClient::connect(a.common.target.clone())
         .await
