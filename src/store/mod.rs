@@ -228,9 +228,6 @@ pub struct StoreConfig {
     pub replica: router::ReplicaConfig,
 }
 
-/// Most pages read ahead at once (each up to one ReadFrom page).
-const READ_AHEAD_PAGES: usize = 32;
-
 /// The store: cheap to clone, shared by every request handler.
 #[derive(Clone)]
 pub struct Store {
@@ -276,7 +273,9 @@ impl Store {
                     pool,
                     writer,
                     router,
-                    readahead: readahead::ReadAhead::new(READ_AHEAD_PAGES),
+                    // Each page read ahead holds a pooled connection while it is read: a quarter
+                    // of the pool at most, so requests keep the rest.
+                    readahead: readahead::ReadAhead::new((config.pool_size as usize / 4).max(1)),
                 }),
             },
             task,
