@@ -10,6 +10,7 @@
 //! - [`live`]: the LISTEN connection, subscriptions, consumer groups and change watchers.
 //! - [`metrics`]: per-instance counters and gauges, served on `/metrics`.
 //! - [`embedded`]: a local PostgreSQL cluster managed by pgstore when no database URL is given.
+//! - [`transport`]: client connections whose writes are coalesced.
 //! - [`wire`]: events encoded to protobuf straight from rows, and the pre-encoded responses.
 //! - [`error`]: the domain error type and its one mapping to gRPC status codes.
 
@@ -22,6 +23,7 @@ pub mod live;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod transport;
 pub mod wire;
 
 /// Code generated from `proto/pgstore/v1/*.proto`.

@@ -189,7 +189,10 @@ async fn serve(
     .max_encoding_message_size(usize::MAX);
 
     let local = listener.local_addr().ok();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = tokio_stream::StreamExt::map(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        |conn| conn.map(crate::transport::Coalesced::new),
+    );
     let stop_serving = CancellationToken::new();
     let server = Server::builder()
         .layer(tower::util::MapResponseLayer::new(
