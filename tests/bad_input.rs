@@ -435,3 +435,36 @@ async fn a_payload_postgres_refuses_fails_alone_in_its_batch() {
         "no hole was left by the failed append"
     );
 }
+
+#[tokio::test]
+async fn errors_name_the_offending_event_field() {
+    use tonic_types::StatusExt;
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    let violation = |status: tonic::Status| {
+        let details = status
+            .get_details_bad_request()
+            .expect("BadRequest details");
+        details.field_violations[0].field.clone()
+    };
+    let bad_json = append(
+        "s",
+        None,
+        vec![json_event("A", "{}"), json_event("B", "{not json")],
+    );
+    let err = c.append(bad_json).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(violation(err), "events[1].json");
+    let bad_type = append(
+        "s",
+        None,
+        vec![
+            json_event("A", "{}"),
+            json_event("A", "{}"),
+            json_event("", "{}"),
+        ],
+    );
+    let err = c.append(bad_type).await.unwrap_err();
+    assert_eq!(violation(err), "events[2].event_type");
+    assert!(read_all(&mut c).await.is_empty());
+}

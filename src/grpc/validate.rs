@@ -194,6 +194,17 @@ pub fn append(req: proto::AppendRequest, limits: &Limits) -> Result<AppendComman
     })
 }
 
+/// An error found under a short field name, put under its full path.
+fn under(e: Error, path: impl FnOnce() -> String) -> Error {
+    match e {
+        Error::InvalidArgument { reason, .. } => Error::InvalidArgument {
+            field: path(),
+            reason,
+        },
+        other => other,
+    }
+}
+
 /// One event; the flag says whether the client chose its id.
 fn event(i: usize, e: proto::EventData, limits: &Limits) -> Result<(NewEvent, bool)> {
     use proto::event_data::Payload as P;
@@ -211,11 +222,9 @@ fn event(i: usize, e: proto::EventData, limits: &Limits) -> Result<(NewEvent, bo
         }
         (id, true)
     };
-    name(
-        &field("event_type"),
-        &e.event_type,
-        limits.max_event_type_bytes,
-    )?;
+    // Field paths are formatted only for an error: this runs for every event.
+    name("event_type", &e.event_type, limits.max_event_type_bytes)
+        .map_err(|err| under(err, || field("event_type")))?;
     let content_type = if e.content_type.is_empty() {
         DEFAULT_CONTENT_TYPE.to_owned()
     } else {
@@ -257,7 +266,7 @@ fn event(i: usize, e: proto::EventData, limits: &Limits) -> Result<(NewEvent, bo
                 ));
             }
         };
-        json(&field("json"), &text)?;
+        json("json", &text).map_err(|err| under(err, || field("json")))?;
         Payload::Json(text)
     } else {
         Payload::Bytes(match e.payload {
