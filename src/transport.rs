@@ -28,6 +28,9 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Bytes a connection may have waiting before its writes wait for the writer task.
 const MAX_PENDING: usize = 1024 * 1024;
+/// How long the writer task may still spend on a connection the server has let go of (a client
+/// that stopped reading would otherwise hold it, and its socket, forever).
+const GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A server connection with coalesced writes (see the module docs).
 pub struct Coalesced {
@@ -40,6 +43,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the writer task.
     flush: Notify,
+    /// The server let go of the connection.
+    gone: Notify,
 }
 
 #[derive(Default)]
@@ -50,6 +55,8 @@ struct State {
     /// Shutdown asked for (the writer finishes, then shuts the socket down).
     closing: bool,
     closed: bool,
+    /// The server let go of the connection: what is left gets [`GRACE`] to be written.
+    dropped: bool,
     /// Writers waiting for room, or for the shutdown to complete.
     waiting: Vec<Waker>,
 }
@@ -62,6 +69,7 @@ impl Coalesced {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             flush: Notify::new(),
+            gone: Notify::new(),
         });
         tokio::spawn(write_loop(write, shared.clone()));
         Coalesced { read, shared, info }
@@ -70,9 +78,14 @@ impl Coalesced {
 
 impl Drop for Coalesced {
     fn drop(&mut self) {
-        // The writer task sends what is left, then ends.
-        self.shared.state.lock().expect("transport lock").closing = true;
+        // The writer task sends what is left (within GRACE), then ends.
+        {
+            let mut st = self.shared.state.lock().expect("transport lock");
+            st.closing = true;
+            st.dropped = true;
+        }
         self.shared.flush.notify_one();
+        self.shared.gone.notify_one();
     }
 }
 
@@ -97,7 +110,20 @@ async fn write_loop(mut write: OwnedWriteHalf, shared: Arc<Shared>) {
                 }
                 break;
             }
-            let result = write.write_all(&data).await;
+            let dropped = shared.state.lock().expect("transport lock").dropped;
+            let result = if dropped {
+                tokio::time::timeout(GRACE, write.write_all(&data))
+                    .await
+                    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            } else {
+                tokio::select! {
+                    r = write.write_all(&data) => r,
+                    () = async {
+                        shared.gone.notified().await;
+                        tokio::time::sleep(GRACE).await;
+                    } => Err(io::ErrorKind::TimedOut.into()),
+                }
+            };
             let mut st = shared.state.lock().expect("transport lock");
             st.waiting.drain(..).for_each(Waker::wake);
             if let Err(e) = result {
@@ -239,6 +265,34 @@ mod tests {
         }
         server.shutdown().await.unwrap();
         assert_eq!(reader.await.unwrap(), want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_let_go_is_not_held_by_a_client_that_stopped_reading() {
+        let (mut server, mut client) = pair().await;
+        // The client reads nothing: fill the socket buffers and the pending bytes.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        while let Ok(Ok(())) = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            server.write_all(&chunk),
+        )
+        .await
+        {
+            server.flush().await.unwrap();
+            written += chunk.len();
+        }
+        drop(server);
+        tokio::time::sleep(GRACE + std::time::Duration::from_millis(500)).await;
+        // The writer gave up: the client gets part of it and then the end, not everything.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_to_end(&mut got),
+        )
+        .await
+        .expect("the connection ends");
+        assert!(got.len() < written, "{} of {written}", got.len());
     }
 
     #[tokio::test]
