@@ -148,38 +148,32 @@ fn pgstore_exact(v: u64) -> Option<proto::append_request::ExpectedVersion> {
 #[tokio::test]
 async fn a_member_name_cannot_be_used_twice_at_once() {
     let server = Server::fresh().await;
-    let mut c1 = server.client().await;
-    let mut s1 = c1
-        .subscribe(proto::SubscribeRequest {
-            group: "g".into(),
-            member: "same".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    // The first message is its assignment.
-    let first = tokio::time::timeout(Duration::from_secs(5), s1.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(matches!(first.message, Some(Message::Assignment(_))));
-    let mut c2 = server.client().await;
-    let mut s2 = c2
-        .subscribe(proto::SubscribeRequest {
-            group: "g".into(),
-            member: "same".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let err = tokio::time::timeout(Duration::from_secs(5), s2.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err();
+    // Joins as member "same" of group "g" on a connection of its own; the first message.
+    let join = || async {
+        let mut c = server.client().await;
+        let mut s = c
+            .subscribe(proto::SubscribeRequest {
+                group: "g".into(),
+                member: "same".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .unwrap()
+            .unwrap();
+        (s, first)
+    };
+    let (_s1, first) = join().await;
+    // The first member's first message is its assignment.
+    assert!(matches!(
+        first.unwrap().message,
+        Some(Message::Assignment(_))
+    ));
+    let (_s2, second) = join().await;
+    let err = second.unwrap_err();
     assert_eq!(
         err.code(),
         tonic::Code::InvalidArgument,

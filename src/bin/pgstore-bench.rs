@@ -774,20 +774,17 @@ async fn live_scenario(a: LiveArgs) {
         "{:<34} {:>9} {:>9} {:>9}",
         "", "p50 ms", "p99 ms", "p999 ms"
     );
-    println!(
-        "{:<34} {:>9.3} {:>9.3} {:>9.3}",
-        "acknowledged -> delivered",
-        q(&from_ack, 0.5),
-        q(&from_ack, 0.99),
-        q(&from_ack, 0.999)
-    );
-    println!(
-        "{:<34} {:>9.3} {:>9.3} {:>9.3}",
-        "sent -> delivered",
-        q(&from_send, 0.5),
-        q(&from_send, 0.99),
-        q(&from_send, 0.999)
-    );
+    for (label, h) in [
+        ("acknowledged -> delivered", &from_ack),
+        ("sent -> delivered", &from_send),
+    ] {
+        println!(
+            "{label:<34} {:>9.3} {:>9.3} {:>9.3}",
+            q(h, 0.5),
+            q(h, 0.99),
+            q(h, 0.999)
+        );
+    }
 }
 
 /// A subscription that delivers only what is committed from now on.
