@@ -150,7 +150,7 @@ const FIND_KEYS: &str = "SELECT key, stream_id, version, first_seq, last_seq \
 const APPEND_BATCH: &str = "SELECT pgstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
      $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)";
 
-/// The SQLSTATE `pgstore.check_append` raises when the writer's memory is stale.
+/// The SQLSTATE `pgstore.append_batch` raises when the writer's memory is stale.
 const STALE_MEMORY: &str = "PGS01";
 /// How long the one-round-trip path rests after the memory proved stale.
 pub const FAST_PATH_REST: Duration = Duration::from_secs(1);
@@ -184,6 +184,16 @@ impl Memory {
         }
         self.head = Some(head);
         self.streams.extend(streams);
+    }
+
+    /// A stream as just written (a stream already remembered costs no allocation).
+    fn set(&mut self, stream: &str, version: (u64, StreamState)) {
+        match self.streams.get_mut(stream) {
+            Some(v) => *v = version,
+            None => {
+                self.streams.insert(stream.to_owned(), version);
+            }
+        }
     }
 
     /// A snapshot to plan `cmds` from without reading, if every stream is remembered.
@@ -290,8 +300,7 @@ impl Writer {
     /// Commits a batch and answers its callers.
     async fn commit(&mut self, batch: Vec<Request>) {
         let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
-        let r = self.try_commit(&cmds).await;
-        match r {
+        match self.try_commit(&cmds).await {
             Ok(results) => {
                 let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
                 self.metrics.appends.fetch_add(ok, Ordering::Relaxed);
@@ -442,13 +451,10 @@ impl Writer {
             .events_written
             .fetch_add(rows.seq.len() as u64, Ordering::Relaxed);
         self.head.send_replace(new_head);
-        let written = rows
-            .upsert_stream
-            .iter()
-            .zip(&rows.upsert_version)
-            .map(|(s, v)| ((*s).to_owned(), (*v as u64, StreamState::Active)));
-        self.memory
-            .remember(new_head, seen.into_iter().chain(written));
+        self.memory.remember(new_head, seen);
+        for (s, v) in rows.upsert_stream.iter().zip(&rows.upsert_version) {
+            self.memory.set(s, (*v as u64, StreamState::Active));
+        }
     }
 
     /// Maps a failed write: a data error lets the batch be retried append by append.
@@ -762,7 +768,7 @@ fn retry_by_event_ids(
     }))
 }
 
-/// What `pgstore.check_append` is to prove before a one-round-trip commit.
+/// What `pgstore.append_batch` is to prove before it writes, in a one-round-trip commit.
 struct Check<'a> {
     head: i64,
     stream_ids: Vec<&'a str>,
