@@ -43,6 +43,18 @@ pub struct Config {
     pub locks: LocksSection,
     /// Read replicas.
     pub replicas: ReplicasSection,
+    /// Bearer tokens; authentication is off when none is set.
+    pub auth: AuthSection,
+}
+
+/// Bearer-token authentication of the EventStore service (health and reflection stay open).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Tokens that may call every method.
+    pub tokens: Vec<String>,
+    /// Tokens that may only call methods that read.
+    pub read_tokens: Vec<String>,
 }
 
 /// Read replicas.
@@ -244,6 +256,7 @@ impl Default for Config {
             groups: GroupsSection::default(),
             locks: LocksSection::default(),
             replicas: ReplicasSection::default(),
+            auth: AuthSection::default(),
         }
     }
 }
@@ -337,6 +350,8 @@ impl Config {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("replica_urls")
+                .with_list_parse_key("auth.tokens")
+                .with_list_parse_key("auth.read_tokens")
                 .try_parsing(true),
         );
         let mut config: Config = builder
@@ -391,6 +406,31 @@ impl Config {
             return bad(
                 "database.changes_channel",
                 "must differ from database.events_channel".into(),
+            );
+        }
+        for (key, tokens) in [
+            ("auth.tokens", &self.auth.tokens),
+            ("auth.read_tokens", &self.auth.read_tokens),
+        ] {
+            if tokens
+                .iter()
+                .any(|t| t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return bad(
+                    key,
+                    "tokens must be at least 16 visible ASCII characters (no spaces)".into(),
+                );
+            }
+        }
+        if self
+            .auth
+            .read_tokens
+            .iter()
+            .any(|t| self.auth.tokens.contains(t))
+        {
+            return bad(
+                "auth.read_tokens",
+                "a token cannot be both read-only and full".into(),
             );
         }
         if self.database.pool_size == 0 {

@@ -194,10 +194,15 @@ async fn serve(
         |conn| conn.map(crate::transport::Coalesced::new),
     );
     let stop_serving = CancellationToken::new();
+    let tokens = crate::grpc::auth::Tokens::from_config(&config.auth);
+    if tokens.is_some() {
+        tracing::info!("bearer-token authentication on");
+    }
     let server = Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))
+        .layer(crate::grpc::auth::AuthLayer(tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -61,6 +61,101 @@ async fn reflection_v1alpha_lists_the_services() {
     }
 }
 
+#[tokio::test]
+async fn bearer_tokens_guard_the_event_store_but_not_health_or_reflection() {
+    const WRITER: &str = "writer-token-0123456789";
+    const READER: &str = "reader-token-0123456789";
+    let mut config = test_config(&fresh_db().await);
+    config.auth.tokens = vec![WRITER.into()];
+    config.auth.read_tokens = vec![READER.into()];
+    let server = Server::start(config).await;
+    let channel = server.channel().await;
+    let with_token = |token: &'static str| {
+        proto::event_store_client::EventStoreClient::with_interceptor(
+            channel.clone(),
+            move |mut req: tonic::Request<()>| {
+                let value = format!("Bearer {token}").parse().expect("ascii");
+                req.metadata_mut().insert("authorization", value);
+                Ok(req)
+            },
+        )
+    };
+    let events = || vec![json_event("Tested", r#"{"n":1}"#)];
+
+    // No token, or an unknown one: UNAUTHENTICATED, and nothing is written.
+    let mut anonymous = server.client().await;
+    let err = anonymous
+        .append(append("auth-1", None, events()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let err = with_token("not-a-token-at-all-000")
+        .latest_sequence(proto::LatestSequenceRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // A read-only token reads, and may not write.
+    let mut reader = with_token(READER);
+    let err = reader
+        .append(append("auth-1", None, events()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let head = reader
+        .latest_sequence(proto::LatestSequenceRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(head.sequence, 0, "the refused appends wrote nothing");
+
+    // The full token writes; the reader then reads it, through a stream too.
+    let mut writer = with_token(WRITER);
+    writer
+        .append(append("auth-1", None, events()))
+        .await
+        .unwrap();
+    let page = reader
+        .read_from(proto::ReadFromRequest {
+            from_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.events.len(), 1);
+    let mut sub = reader
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("a delivery")
+        .expect("open")
+        .unwrap();
+    assert!(first.message.is_some());
+
+    // Health and reflection need no token.
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "pgstore.v1.EventStore".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn graceful_shutdown_finishes_in_flight_appends() {
     let server = Server::fresh().await;
@@ -187,6 +282,19 @@ async fn environment_overrides_the_file_and_flags_override_the_environment() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "unknown keys are refused");
+    // Token lists come from the environment comma-separated; each one is checked.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("PGSTORE_AUTH__TOKENS", "a-long-enough-token-1,short")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("auth.tokens") && stderr.contains("at least 16"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

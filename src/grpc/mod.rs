@@ -1,6 +1,7 @@
 //! The `pgstore.v1.EventStore` gRPC service: validates requests, calls the store, converts
 //! results. Domain errors become `tonic::Status` in one place ([`crate::error`]).
 
+pub mod auth;
 pub mod validate;
 
 use std::{

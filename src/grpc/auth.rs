@@ -1,0 +1,216 @@
+//! Bearer-token authentication for the EventStore service, as a tower layer in front of every
+//! service: it sees the method path and the `authorization` header before any request is decoded.
+//!
+//! With no tokens configured every call is let through. Otherwise each call to
+//! `pgstore.v1.EventStore` must carry `authorization: Bearer <token>`: a missing or unknown token
+//! gets UNAUTHENTICATED; a read-only token (`auth.read_tokens`) gets PERMISSION_DENIED on a method
+//! that writes. Health checks and server reflection stay open, so that orchestrators can probe
+//! and `grpcurl` can list the API without a token.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderMap, Request, Response};
+use tonic::Status;
+use tower::{Layer, Service};
+
+use crate::config::AuthSection;
+
+/// The service whose calls need a token.
+const GUARDED_SERVICE: &str = "/pgstore.v1.EventStore/";
+
+/// Methods a read-only token may call: they change nothing but consumer-group leases.
+const READ_METHODS: &[&str] = &[
+    "Load",
+    "ReadFrom",
+    "LatestSequence",
+    "Subscribe",
+    "LoadCheckpoint",
+    "LoadSnapshot",
+    "GetStream",
+    "WatchChanges",
+];
+
+/// The configured tokens.
+#[derive(Debug)]
+pub struct Tokens {
+    full: Vec<Vec<u8>>,
+    read: Vec<Vec<u8>>,
+}
+
+impl Tokens {
+    /// `None` when no token is configured (authentication off).
+    pub fn from_config(auth: &AuthSection) -> Option<Arc<Tokens>> {
+        if auth.tokens.is_empty() && auth.read_tokens.is_empty() {
+            return None;
+        }
+        let bytes = |v: &[String]| v.iter().map(|t| t.as_bytes().to_vec()).collect();
+        Some(Arc::new(Tokens {
+            full: bytes(&auth.tokens),
+            read: bytes(&auth.read_tokens),
+        }))
+    }
+
+    /// Whether a call to `path` with these headers may proceed.
+    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<(), Status> {
+        let Some(method) = path.strip_prefix(GUARDED_SERVICE) else {
+            return Ok(());
+        };
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "missing bearer token: send the metadata `authorization: Bearer <token>`",
+                )
+            })?;
+        if any_equal(&self.full, token.as_bytes()) {
+            return Ok(());
+        }
+        if any_equal(&self.read, token.as_bytes()) {
+            return if READ_METHODS.contains(&method) {
+                Ok(())
+            } else {
+                Err(Status::permission_denied(format!(
+                    "this token may only read; {method} writes"
+                )))
+            };
+        }
+        Err(Status::unauthenticated("unknown bearer token"))
+    }
+}
+
+/// Compares against every token without stopping early, so timing tells nothing about them.
+fn any_equal(tokens: &[Vec<u8>], given: &[u8]) -> bool {
+    tokens
+        .iter()
+        .fold(false, |found, t| found | constant_time_eq(t, given))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The layer; a no-op without tokens.
+#[derive(Clone)]
+pub struct AuthLayer(pub Option<Arc<Tokens>>);
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService {
+            inner,
+            tokens: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    tokens: Option<Arc<Tokens>>,
+}
+
+impl<S, B, RB> Service<Request<B>> for AuthService<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: Default,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Response<RB>, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(tokens) = &self.tokens
+            && let Err(status) = tokens.check(req.uri().path(), req.headers())
+        {
+            return Either::Left(ready(Ok(status.into_http())));
+        }
+        Either::Right(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> Tokens {
+        Tokens {
+            full: vec![b"writer-secret".to_vec()],
+            read: vec![b"reader-secret".to_vec()],
+        }
+    }
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(http::header::AUTHORIZATION, a.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn tokens_decide_by_method() {
+        let t = tokens();
+        let append = "/pgstore.v1.EventStore/Append";
+        let load = "/pgstore.v1.EventStore/Load";
+        let code = |r: Result<(), Status>| r.err().map(|s| s.code());
+        assert_eq!(
+            code(t.check(append, &headers(Some("Bearer writer-secret")))),
+            None
+        );
+        assert_eq!(
+            code(t.check(load, &headers(Some("Bearer reader-secret")))),
+            None
+        );
+        assert_eq!(
+            code(t.check(append, &headers(Some("Bearer reader-secret")))),
+            Some(tonic::Code::PermissionDenied)
+        );
+        for bad in [
+            None,
+            Some("Bearer nope"),
+            Some("writer-secret"),
+            Some("Basic d3JpdGVy"),
+        ] {
+            assert_eq!(
+                code(t.check(load, &headers(bad))),
+                Some(tonic::Code::Unauthenticated),
+                "{bad:?}"
+            );
+        }
+        // Health and reflection stay open.
+        assert_eq!(
+            code(t.check("/grpc.health.v1.Health/Check", &headers(None))),
+            None
+        );
+        assert_eq!(
+            code(t.check(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                &headers(None)
+            )),
+            None
+        );
+    }
+
+    #[test]
+    fn every_read_method_exists_in_the_api() {
+        let api = include_str!("../../proto/pgstore/v1/eventstore.proto");
+        for m in READ_METHODS {
+            assert!(api.contains(&format!("rpc {m}(")), "{m}");
+        }
+    }
+}
