@@ -45,6 +45,21 @@ pub struct Config {
     pub replicas: ReplicasSection,
     /// Bearer tokens; authentication is off when none is set.
     pub auth: AuthSection,
+    /// TLS for the gRPC port; plaintext when no certificate is set.
+    pub tls: TlsSection,
+}
+
+/// TLS on the gRPC port (PEM files, read at startup).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// The server's certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// The server's private key.
+    pub key_file: Option<PathBuf>,
+    /// CA certificates that client certificates must chain to: mutual TLS, every client must
+    /// present one.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// Bearer-token authentication of the EventStore service (health and reflection stay open).
@@ -257,6 +272,7 @@ impl Default for Config {
             locks: LocksSection::default(),
             replicas: ReplicasSection::default(),
             auth: AuthSection::default(),
+            tls: TlsSection::default(),
         }
     }
 }
@@ -433,6 +449,23 @@ impl Config {
                 "a token cannot be both read-only and full".into(),
             );
         }
+        let tls = &self.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return bad("tls", "tls.cert_file and tls.key_file go together".into());
+        }
+        if tls.client_ca_file.is_some() && tls.cert_file.is_none() {
+            return bad(
+                "tls.client_ca_file",
+                "needs tls.cert_file and tls.key_file".into(),
+            );
+        }
+        if self.tls.cert_file.is_some() {
+            // Read and parse the PEM files now, so a bad one stops startup before the port is bound.
+            let tls = self.server_tls()?.expect("cert_file is set");
+            tonic::transport::Server::builder()
+                .tls_config(tls)
+                .map_err(|e| Error::invalid("tls", error_chain(&e)))?;
+        }
         if self.database.pool_size == 0 {
             return bad("database.pool_size", "must be at least 1".into());
         }
@@ -559,6 +592,28 @@ impl Config {
         SocketAddr::from_str(&self.listen).map_err(|e| Error::invalid("listen", e.to_string()))
     }
 
+    /// The TLS settings with the PEM files read, if TLS is on. Errors name the key.
+    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls.cert_file, &self.tls.key_file) else {
+            return Ok(None);
+        };
+        let read = |key: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| Error::invalid(key, format!("{}: {e}", path.display())))
+        };
+        let identity = tonic::transport::Identity::from_pem(
+            read("tls.cert_file", cert)?,
+            read("tls.key_file", key)?,
+        );
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.tls.client_ca_file {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
+                "tls.client_ca_file",
+                ca,
+            )?));
+        }
+        Ok(Some(tls))
+    }
+
     /// The writer settings.
     pub fn writer_config(&self) -> crate::store::writer::WriterConfig {
         crate::store::writer::WriterConfig {
@@ -568,6 +623,18 @@ impl Config {
             connect_timeout: self.database.connect_timeout,
         }
     }
+}
+
+/// An error and its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Parses a libpq-style URL or key=value connection string.

@@ -198,7 +198,17 @@ async fn serve(
     if tokens.is_some() {
         tracing::info!("bearer-token authentication on");
     }
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = config.server_tls()? {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| Error::invalid("tls", e.to_string()))?;
+        tracing::info!(
+            mutual = config.tls.client_ca_file.is_some(),
+            "TLS on the gRPC port"
+        );
+    }
+    let server = builder
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))

@@ -156,6 +156,164 @@ async fn bearer_tokens_guard_the_event_store_but_not_health_or_reflection() {
         .unwrap();
 }
 
+/// A CA, and certificates it signs.
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    /// (certificate PEM, key PEM) for `name`.
+    fn issue(&self, name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// Whether an append goes through on `endpoint` (connecting may fail, or the first call).
+async fn tls_call_works(endpoint: tonic::transport::Endpoint) -> bool {
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    proto::event_store_client::EventStoreClient::new(channel)
+        .append(append(&unique("tls"), None, vec![json_event("E", "{}")]))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn tls_and_mutual_tls_on_the_grpc_port() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let dir = std::env::temp_dir().join(unique("pgstore-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new("pgstore test CA");
+    let (server_cert, server_key) = ca.issue("localhost");
+    let (client_cert, client_key) = ca.issue("a-client");
+    let (stranger_cert, stranger_key) = TestCa::new("another CA").issue("stranger");
+    let file = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let mut config = test_config(&fresh_db().await);
+    config.tls.cert_file = Some(file("server.pem", &server_cert));
+    config.tls.key_file = Some(file("server.key", &server_key));
+    let ca_pem = ca.cert.pem();
+    let client_tls = || {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca_pem))
+            .domain_name("localhost")
+    };
+    let https = |addr: std::net::SocketAddr, tls: ClientTlsConfig| {
+        Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .tls_config(tls)
+            .unwrap()
+    };
+
+    // Server TLS: a client that trusts the CA gets in; a plaintext client does not.
+    let server = Server::spawn(config.clone()).await;
+    let addr = server.addr;
+    let mut up = false;
+    for _ in 0..100 {
+        if tls_call_works(https(addr, client_tls())).await {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "a TLS client reaches the server");
+    let plaintext = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2));
+    assert!(!tls_call_works(plaintext).await, "plaintext is refused");
+    server.shutdown().await.unwrap();
+
+    // Mutual TLS: only clients with a certificate from the configured CA get in.
+    config.tls.client_ca_file = Some(file("clients-ca.pem", &ca_pem));
+    let server = Server::spawn(config).await;
+    let addr = server.addr;
+    let mut up = false;
+    for _ in 0..100 {
+        let tls = client_tls().identity(Identity::from_pem(&client_cert, &client_key));
+        if tls_call_works(https(addr, tls)).await {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "a client with a certificate from the CA gets in");
+    assert!(
+        !tls_call_works(https(addr, client_tls())).await,
+        "no client certificate: refused"
+    );
+    let stranger = client_tls().identity(Identity::from_pem(&stranger_cert, &stranger_key));
+    assert!(
+        !tls_call_works(https(addr, stranger)).await,
+        "a certificate from another CA: refused"
+    );
+    server.shutdown().await.unwrap();
+
+    // A key without its certificate, or an unreadable file, stops startup naming the key.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args([
+            "serve",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+        ])
+        .env("PGSTORE_TLS__KEY_FILE", dir.join("server.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls"));
+    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args([
+            "serve",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+        ])
+        .env("PGSTORE_TLS__CERT_FILE", dir.join("missing.pem"))
+        .env("PGSTORE_TLS__KEY_FILE", dir.join("server.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tls.cert_file") && stderr.contains("missing.pem"),
+        "{stderr}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .args([
+            "serve",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+        ])
+        .env("PGSTORE_TLS__CERT_FILE", dir.join("server.key"))
+        .env("PGSTORE_TLS__KEY_FILE", dir.join("server.key"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a key given as the certificate is refused"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn graceful_shutdown_finishes_in_flight_appends() {
     let server = Server::fresh().await;

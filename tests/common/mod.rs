@@ -220,6 +220,22 @@ impl Server {
         server
     }
 
+    /// Starts pgstore without waiting for it to answer (for servers a plaintext client cannot
+    /// reach, e.g. with TLS).
+    pub async fn spawn(config: Config) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(pgstore::server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
     /// Starts pgstore on a fresh database of the shared cluster.
     pub async fn fresh() -> Server {
         Server::start(test_config(&fresh_db().await)).await
