@@ -659,6 +659,12 @@ async fn live_scenario(a: LiveArgs) {
                     Some(proto::subscribe_response::Message::CaughtUp(_)) => {
                         let _ = ready.send(()).await;
                     }
+                    Some(proto::subscribe_response::Message::Event(e))
+                        if e.event_type == "Done" =>
+                    {
+                        // The wake-up append after the run: not a delivery to count.
+                        break;
+                    }
                     Some(proto::subscribe_response::Message::Event(e)) => {
                         let now = Instant::now();
                         let sent_us: u64 = match &e.payload {
