@@ -269,48 +269,41 @@ async fn tls_and_mutual_tls_on_the_grpc_port() {
     );
     server.shutdown().await.unwrap();
 
-    // A key without its certificate, or an unreadable file, stops startup naming the key.
-    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-        .args([
-            "serve",
-            "--database-url",
-            "postgres://nobody@127.0.0.1:1/none",
-        ])
-        .env("PGSTORE_TLS__KEY_FILE", dir.join("server.key"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("tls"));
-    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-        .args([
-            "serve",
-            "--database-url",
-            "postgres://nobody@127.0.0.1:1/none",
-        ])
-        .env("PGSTORE_TLS__CERT_FILE", dir.join("missing.pem"))
-        .env("PGSTORE_TLS__KEY_FILE", dir.join("server.key"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A key without its certificate, an unreadable file or a key given as the certificate stops
+    // startup; the error names the key.
+    let refused = |env: &[(&str, std::path::PathBuf)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+            .args([
+                "serve",
+                "--database-url",
+                "postgres://nobody@127.0.0.1:1/none",
+            ])
+            .envs(env.iter().map(|(k, v)| (*k, v)))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{env:?} starts");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (cert, key, missing) = (
+        dir.join("server.pem"),
+        dir.join("server.key"),
+        dir.join("missing.pem"),
+    );
+    let stderr = refused(&[("PGSTORE_TLS__KEY_FILE", key.clone())]);
+    assert!(stderr.contains("tls"), "{stderr}");
+    let stderr = refused(&[
+        ("PGSTORE_TLS__CERT_FILE", missing),
+        ("PGSTORE_TLS__KEY_FILE", key.clone()),
+    ]);
     assert!(
         stderr.contains("tls.cert_file") && stderr.contains("missing.pem"),
         "{stderr}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-        .args([
-            "serve",
-            "--database-url",
-            "postgres://nobody@127.0.0.1:1/none",
-        ])
-        .env("PGSTORE_TLS__CERT_FILE", dir.join("server.key"))
-        .env("PGSTORE_TLS__KEY_FILE", dir.join("server.key"))
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "a key given as the certificate is refused"
-    );
+    let stderr = refused(&[
+        ("PGSTORE_TLS__CERT_FILE", key.clone()),
+        ("PGSTORE_TLS__KEY_FILE", key),
+    ]);
+    assert!(stderr.contains("tls"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -205,17 +205,7 @@ pub struct Server {
 impl Server {
     /// Starts pgstore on 127.0.0.1:0 with `config`; returns once it accepts calls.
     pub async fn start(config: Config) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(pgstore::server::run(listener, config, async {
-            let _ = stopped.await;
-        }));
-        let server = Server {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        };
+        let server = Server::spawn(config).await;
         server.wait_ready().await;
         server
     }
