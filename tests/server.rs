@@ -284,11 +284,7 @@ async fn tls_and_mutual_tls_on_the_grpc_port() {
         assert!(!out.status.success(), "{env:?} starts");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let (cert, key, missing) = (
-        dir.join("server.pem"),
-        dir.join("server.key"),
-        dir.join("missing.pem"),
-    );
+    let (key, missing) = (dir.join("server.key"), dir.join("missing.pem"));
     let stderr = refused(&[("PGSTORE_TLS__KEY_FILE", key.clone())]);
     assert!(stderr.contains("tls"), "{stderr}");
     let stderr = refused(&[
