@@ -216,6 +216,10 @@ pub struct WriterSection {
     pub max_batch_appends: usize,
     /// Most events committed in one transaction.
     pub max_batch_events: usize,
+    /// How long an idempotency key is remembered; forever when absent. Older keys are deleted in
+    /// the background, and a retry with one is a new append.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_key_retention: Option<Duration>,
 }
 
 /// Input limits. Violations are refused with INVALID_ARGUMENT or RESOURCE_EXHAUSTED and change
@@ -304,6 +308,7 @@ impl Default for WriterSection {
             queue_depth: w.queue_depth,
             max_batch_appends: w.max_batch_appends,
             max_batch_events: w.max_batch_events,
+            idempotency_key_retention: None,
         }
     }
 }
@@ -474,6 +479,14 @@ impl Config {
             return bad(
                 "writer",
                 "queue_depth and batch limits must be at least 1".into(),
+            );
+        }
+        if w.idempotency_key_retention
+            .is_some_and(|d| d < Duration::from_secs(1))
+        {
+            return bad(
+                "writer.idempotency_key_retention",
+                "must be at least 1s (or absent: keep keys forever)".into(),
             );
         }
         let l = &self.limits;

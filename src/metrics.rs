@@ -26,6 +26,8 @@ pub struct Metrics {
     pub batches: AtomicU64,
     /// One-round-trip commits that found the writer's memory stale (and were redone reading).
     pub append_rereads: AtomicU64,
+    /// Idempotency keys deleted after their retention.
+    pub idempotency_keys_pruned: AtomicU64,
     /// Whether the LISTEN connection is up (0/1).
     pub listener_connected: AtomicI64,
     /// LISTEN reconnections after a loss.
@@ -97,7 +99,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed) as i64;
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, i64); 17] = [
+        let rows: [(&str, &str, &str, i64); 18] = [
             (
                 "pgstore_replica_reads_total",
                 "counter",
@@ -133,6 +135,12 @@ impl Metrics {
                 "counter",
                 "One-round-trip commits redone with a read first (another writer moved the log).",
                 c(&self.append_rereads),
+            ),
+            (
+                "pgstore_idempotency_keys_pruned_total",
+                "counter",
+                "Idempotency keys deleted after writer.idempotency_key_retention.",
+                c(&self.idempotency_keys_pruned),
             ),
             (
                 "pgstore_listener_connected",

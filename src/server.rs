@@ -101,6 +101,14 @@ async fn serve(
                 .probe_loop(move || hub.head(), stop_background.clone()),
         );
     }
+    if let Some(retention) = config.writer.idempotency_key_retention {
+        background.spawn(prune_idempotency_keys(
+            store.clone(),
+            retention,
+            metrics.clone(),
+            stop_background.clone(),
+        ));
+    }
     background.spawn(crate::live::tail::run(
         store.clone(),
         hub.clone(),
@@ -268,6 +276,40 @@ async fn open_store(
 
 /// Probes the primary and reports SERVING / NOT_SERVING for the server and the event store;
 /// reports the LISTEN connection's state as the service `pgstore.listener`.
+/// Deletes idempotency keys older than `retention`, every tenth of it (at most hourly), in batches
+/// of 10,000 so no transaction runs long.
+async fn prune_idempotency_keys(
+    store: Store,
+    retention: Duration,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    const BATCH: i64 = 10_000;
+    let every = (retention / 10).min(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        loop {
+            match store.prune_idempotency_keys(retention, BATCH).await {
+                Ok(n) => {
+                    metrics
+                        .idempotency_keys_pruned
+                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    if n < BATCH as u64 || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning idempotency keys failed; retrying later");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 async fn watch_health(
     store: Store,
     hub: Arc<Hub>,

@@ -452,3 +452,34 @@ async fn a_stale_writer_memory_is_detected_and_the_append_redone() {
         .collect();
     assert_eq!(s, vec![1, 2, 3, 4]);
 }
+
+#[tokio::test]
+async fn idempotency_keys_are_forgotten_after_their_retention() {
+    let port = free_port();
+    let mut config = test_config(&fresh_db().await);
+    config.writer.idempotency_key_retention = Some(std::time::Duration::from_secs(1));
+    config.metrics_listen = Some(format!("127.0.0.1:{port}"));
+    let server = Server::start(config).await;
+    let mut c = server.client().await;
+    let keyed = |key: &str| proto::AppendRequest {
+        idempotency_key: key.into(),
+        ..append("retained", None, vec![json_event("E", "{}")])
+    };
+
+    let first = c.append(keyed("k-old")).await.unwrap().into_inner();
+    let retry = c.append(keyed("k-old")).await.unwrap().into_inner();
+    assert!(!first.duplicate && retry.duplicate);
+    assert_eq!(retry.version, first.version);
+
+    // Once the key is past its retention it is deleted, and the same key appends anew.
+    wait_metric(port, "pgstore_idempotency_keys_pruned_total", 1).await;
+    let again = c.append(keyed("k-old")).await.unwrap().into_inner();
+    assert!(!again.duplicate, "a forgotten key is a new append");
+    assert_eq!(again.version, first.version + 1);
+
+    // A young key is still remembered.
+    let young = c.append(keyed("k-young")).await.unwrap().into_inner();
+    let retry = c.append(keyed("k-young")).await.unwrap().into_inner();
+    assert!(retry.duplicate);
+    assert_eq!(retry.version, young.version);
+}

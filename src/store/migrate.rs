@@ -23,6 +23,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "append_batch",
         include_str!("../../migrations/0004_append_batch.sql"),
     ),
+    (
+        5,
+        "idempotency_key_age",
+        include_str!("../../migrations/0005_idempotency_key_age.sql"),
+    ),
 ];
 
 /// Applies every migration not applied yet. Returns how many were applied.

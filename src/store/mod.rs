@@ -322,6 +322,27 @@ impl Store {
         self.inner.writer.committed_head()
     }
 
+    /// Deletes idempotency keys recorded more than `age` ago, at most `batch` of them; returns how
+    /// many. A retry with a deleted key is a new append.
+    pub async fn prune_idempotency_keys(
+        &self,
+        age: std::time::Duration,
+        batch: i64,
+    ) -> Result<u64> {
+        let conn = db::get(self.pool()).await?;
+        let micros = i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
+        conn.client
+            .execute(
+                "DELETE FROM pgstore.idempotency_keys WHERE key IN (\
+                 SELECT key FROM pgstore.idempotency_keys \
+                 WHERE created_at < now() - make_interval(secs => $1::float8 / 1000000) \
+                 ORDER BY created_at LIMIT $2)",
+                &[&(micros as f64), &batch],
+            )
+            .await
+            .map_err(db::db_err)
+    }
+
     /// Checks that the primary answers.
     pub async fn ping(&self) -> Result<()> {
         let conn = db::get(self.pool()).await?;
