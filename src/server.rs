@@ -274,8 +274,6 @@ async fn open_store(
     }
 }
 
-/// Probes the primary and reports SERVING / NOT_SERVING for the server and the event store;
-/// reports the LISTEN connection's state as the service `pgstore.listener`.
 /// Deletes idempotency keys older than `retention`, every tenth of it (at most hourly), in batches
 /// of 10,000 so no transaction runs long.
 async fn prune_idempotency_keys(
@@ -310,6 +308,8 @@ async fn prune_idempotency_keys(
     }
 }
 
+/// Probes the primary and reports SERVING / NOT_SERVING for the server and the event store;
+/// reports the LISTEN connection's state as the service `pgstore.listener`.
 async fn watch_health(
     store: Store,
     hub: Arc<Hub>,
