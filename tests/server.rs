@@ -108,6 +108,15 @@ async fn bearer_tokens_guard_the_event_store_but_not_health_or_reflection() {
         .unwrap()
         .into_inner();
     assert_eq!(head.sequence, 0, "the refused appends wrote nothing");
+    // Streaming methods that write are refused the same way.
+    let err = reader
+        .lock(proto::LockRequest {
+            stream_id: "auth-1".into(),
+            try_only: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
     // The full token writes; the reader then reads it, through a stream too.
     let mut writer = with_token(WRITER);
