@@ -12,6 +12,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use pgstore::proto::{self, event_store_client::EventStoreClient};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 use tokio_postgres::NoTls;
 
 #[derive(Parser)]
@@ -83,9 +84,15 @@ struct IdleArgs {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// pgstore's address.
+    /// pgstore's address (`https://...` for TLS).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
+    /// CA certificate (PEM) to verify pgstore's TLS certificate with.
+    #[arg(long)]
+    ca_cert: Option<std::path::PathBuf>,
+    /// Bearer token sent with every call.
+    #[arg(long, env = "PGSTORE_BENCH_TOKEN")]
+    token: Option<String>,
     /// The database pgstore uses, for the raw baselines (skipped without it).
     #[arg(long, env = "PGSTORE_DATABASE_URL")]
     database_url: Option<String>,
@@ -303,9 +310,7 @@ async fn append_scenario(a: AppendArgs) {
     let mut clients = Vec::new();
     for _ in 0..a.clients {
         clients.push(
-            EventStoreClient::connect(a.common.target.clone())
-                .await
-                .expect("connect to pgstore"),
+            Target::new(&a.common).connect().await,
         );
     }
     let events: Vec<proto::EventData> = (0..n)
@@ -450,11 +455,63 @@ async fn main() {
     }
 }
 
-/// The log head.
-async fn latest(target: &str) -> u64 {
-    EventStoreClient::connect(target.to_owned())
+/// Adds the bearer token, if any, to every call.
+#[derive(Clone)]
+struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = EventStoreClient<InterceptedService<Channel, BearerToken>>;
+
+/// How to reach pgstore: its address, TLS and token.
+#[derive(Clone)]
+struct Target {
+    endpoint: tonic::transport::Endpoint,
+    token: BearerToken,
+}
+
+impl Target {
+    fn new(common: &Common) -> Target {
+        let mut endpoint =
+            tonic::transport::Endpoint::from_shared(common.target.clone()).expect("--target");
+        if common.target.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
+            if let Some(ca) = &common.ca_cert {
+                let pem = std::fs::read(ca).expect("--ca-cert");
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(tls).expect("TLS settings");
+        }
+        let token = common.token.as_ref().map(|t| {
+            format!("Bearer {t}")
+                .parse()
+                .expect("--token: visible ASCII")
+        });
+        Target {
+            endpoint,
+            token: BearerToken(token),
+        }
+    }
+
+    /// A new client on its own HTTP/2 connection.
+    async fn connect(&self) -> Client {
+        let channel = self.endpoint.connect().await.expect("connect to pgstore");
+        EventStoreClient::with_interceptor(channel, self.token.clone())
+    }
+}
+
+/// The log head./// The log head.
+async fn latest(target: &Target) -> u64 {
+    target
+        .connect()
         .await
-        .expect("connect")
         .latest_sequence(proto::LatestSequenceRequest::default())
         .await
         .expect("latest")
@@ -463,10 +520,8 @@ async fn latest(target: &str) -> u64 {
 }
 
 /// Appends until the log holds `events` events (100-event appends from 8 clients).
-async fn ensure_log(target: &str, events: u64, payload: &str) -> u64 {
-    let mut c = EventStoreClient::connect(target.to_owned())
-        .await
-        .expect("connect");
+async fn ensure_log(target: &Target, events: u64, payload: &str) -> u64 {
+    let mut c = target.connect().await;
     let head = c
         .latest_sequence(proto::LatestSequenceRequest::default())
         .await
@@ -523,8 +578,9 @@ async fn ensure_log(target: &str, events: u64, payload: &str) -> u64 {
 
 async fn read_scenario(a: ReadArgs) {
     let payload = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
-    let before = latest(&a.common.target).await;
-    let head = ensure_log(&a.common.target, a.events, &payload).await;
+    let target = Target::new(&a.common);
+    let before = latest(&target).await;
+    let head = ensure_log(&target, a.events, &payload).await;
     if head > before
         && let Some(url) = &a.common.database_url
     {
@@ -537,9 +593,9 @@ async fn read_scenario(a: ReadArgs) {
             .expect("analyze");
     }
     println!("read: catch-up of {head} events, page {}", a.page);
-    let mut c = EventStoreClient::connect(a.common.target.clone())
+    let mut c = target
+        .connect()
         .await
-        .expect("connect")
         .max_decoding_message_size(256 * 1024 * 1024);
 
     let started = Instant::now();
@@ -627,7 +683,7 @@ async fn live_scenario(a: LiveArgs) {
         "live: subscribers={} rate={} appends/s duration={:?}",
         a.subscribers, a.rate, a.common.duration
     );
-    let target = a.common.target.clone();
+    let target = Target::new(&a.common);
     let origin = Instant::now();
     let acks: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
@@ -635,11 +691,7 @@ async fn live_scenario(a: LiveArgs) {
     let mut subs = Vec::new();
     let mut channels = Vec::new();
     for _ in 0..a.subscribers.div_ceil(50) {
-        channels.push(
-            EventStoreClient::connect(target.clone())
-                .await
-                .expect("connect"),
-        );
+        channels.push(target.connect().await);
     }
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(a.subscribers);
     for i in 0..a.subscribers {
@@ -702,9 +754,7 @@ async fn live_scenario(a: LiveArgs) {
     let appended = Arc::new(AtomicU64::new(0));
     let mut wtasks = Vec::new();
     for w in 0..writers {
-        let mut c = EventStoreClient::connect(target.clone())
-            .await
-            .expect("connect");
+        let mut c = target.connect().await;
         let (acks, appended) = (acks.clone(), appended.clone());
         wtasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(per_writer);
@@ -745,9 +795,7 @@ async fn live_scenario(a: LiveArgs) {
     }
     done.store(true, Ordering::SeqCst);
     // One more append wakes every subscriber so it sees `done`.
-    let mut c = EventStoreClient::connect(target.clone())
-        .await
-        .expect("connect");
+    let mut c = target.connect().await;
     let _ = c
         .append(proto::AppendRequest {
             stream_id: "live-done".into(),
@@ -795,7 +843,7 @@ async fn live_scenario(a: LiveArgs) {
 
 /// A subscription that delivers only what is committed from now on.
 async fn subscribe_from_end(
-    c: &mut EventStoreClient<tonic::transport::Channel>,
+    c: &mut Client,
 ) -> tonic::Streaming<proto::SubscribeResponse> {
     c.subscribe(proto::SubscribeRequest {
         start: Some(proto::subscribe_request::Start::FromEnd(true)),
@@ -825,11 +873,7 @@ async fn idle_scenario(a: IdleArgs) {
     let before = rss_kib(a.server_pid);
     let mut channels = Vec::new();
     for _ in 0..a.subscribers.div_ceil(a.per_connection) {
-        channels.push(
-            EventStoreClient::connect(a.common.target.clone())
-                .await
-                .expect("connect"),
-        );
+        channels.push(Target::new(&a.common).connect().await);
     }
     let mut streams = Vec::with_capacity(a.subscribers);
     for i in 0..a.subscribers {
