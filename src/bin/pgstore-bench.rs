@@ -12,8 +12,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use pgstore::proto::{self, event_store_client::EventStoreClient};
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
 use tokio_postgres::NoTls;
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 #[derive(Parser)]
 #[command(
@@ -309,9 +309,7 @@ async fn append_scenario(a: AppendArgs) {
     // pgstore.
     let mut clients = Vec::new();
     for _ in 0..a.clients {
-        clients.push(
-            Target::new(&a.common).connect().await,
-        );
+        clients.push(Target::new(&a.common).connect().await);
     }
     let events: Vec<proto::EventData> = (0..n)
         .map(|_| proto::EventData {
@@ -842,9 +840,7 @@ async fn live_scenario(a: LiveArgs) {
 }
 
 /// A subscription that delivers only what is committed from now on.
-async fn subscribe_from_end(
-    c: &mut Client,
-) -> tonic::Streaming<proto::SubscribeResponse> {
+async fn subscribe_from_end(c: &mut Client) -> tonic::Streaming<proto::SubscribeResponse> {
     c.subscribe(proto::SubscribeRequest {
         start: Some(proto::subscribe_request::Start::FromEnd(true)),
         ..Default::default()
