@@ -464,13 +464,8 @@ impl Config {
                 "needs tls.cert_file and tls.key_file".into(),
             );
         }
-        if self.tls.cert_file.is_some() {
-            // Read and parse the PEM files now, so a bad one stops startup before the port is bound.
-            let tls = self.server_tls()?.expect("cert_file is set");
-            tonic::transport::Server::builder()
-                .tls_config(tls)
-                .map_err(|e| Error::invalid("tls", error_chain(&e)))?;
-        }
+        // Read and parse the PEM files now, so a bad one stops startup before the port is bound.
+        self.server_builder()?;
         if self.database.pool_size == 0 {
             return bad("database.pool_size", "must be at least 1".into());
         }
@@ -605,10 +600,12 @@ impl Config {
         SocketAddr::from_str(&self.listen).map_err(|e| Error::invalid("listen", e.to_string()))
     }
 
-    /// The TLS settings with the PEM files read, if TLS is on. Errors name the key.
-    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    /// The gRPC server builder, with TLS when it is on (the PEM files read and parsed). Errors
+    /// name the key.
+    pub fn server_builder(&self) -> Result<tonic::transport::Server> {
+        let builder = tonic::transport::Server::builder();
         let (Some(cert), Some(key)) = (&self.tls.cert_file, &self.tls.key_file) else {
-            return Ok(None);
+            return Ok(builder);
         };
         let read = |key: &str, path: &PathBuf| {
             std::fs::read(path).map_err(|e| Error::invalid(key, format!("{}: {e}", path.display())))
@@ -624,7 +621,9 @@ impl Config {
                 ca,
             )?));
         }
-        Ok(Some(tls))
+        builder
+            .tls_config(tls)
+            .map_err(|e| Error::invalid("tls", error_chain(&e)))
     }
 
     /// The writer settings.

@@ -6,7 +6,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use http::{HeaderValue, Response};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::{Config, parse_database_url};
@@ -206,11 +206,8 @@ async fn serve(
     if tokens.is_some() {
         tracing::info!("bearer-token authentication on");
     }
-    let mut builder = Server::builder();
-    if let Some(tls) = config.server_tls()? {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| Error::invalid("tls", e.to_string()))?;
+    let builder = config.server_builder()?;
+    if config.tls.cert_file.is_some() {
         tracing::info!(
             mutual = config.tls.client_ca_file.is_some(),
             "TLS on the gRPC port"

@@ -307,9 +307,10 @@ async fn append_scenario(a: AppendArgs) {
     };
 
     // pgstore.
+    let target = Target::new(&a.common);
     let mut clients = Vec::new();
     for _ in 0..a.clients {
-        clients.push(Target::new(&a.common).connect().await);
+        clients.push(target.connect().await);
     }
     let events: Vec<proto::EventData> = (0..n)
         .map(|_| proto::EventData {
@@ -505,7 +506,7 @@ impl Target {
     }
 }
 
-/// The log head./// The log head.
+/// The log head.
 async fn latest(target: &Target) -> u64 {
     target
         .connect()
@@ -867,9 +868,10 @@ async fn idle_scenario(a: IdleArgs) {
         a.subscribers, a.per_connection
     );
     let before = rss_kib(a.server_pid);
+    let target = Target::new(&a.common);
     let mut channels = Vec::new();
     for _ in 0..a.subscribers.div_ceil(a.per_connection) {
-        channels.push(Target::new(&a.common).connect().await);
+        channels.push(target.connect().await);
     }
     let mut streams = Vec::with_capacity(a.subscribers);
     for i in 0..a.subscribers {

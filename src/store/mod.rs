@@ -330,14 +330,13 @@ impl Store {
         batch: i64,
     ) -> Result<u64> {
         let conn = db::get(self.pool()).await?;
-        let micros = i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
         conn.client
             .execute(
                 "DELETE FROM pgstore.idempotency_keys WHERE key IN (\
                  SELECT key FROM pgstore.idempotency_keys \
-                 WHERE created_at < now() - make_interval(secs => $1::float8 / 1000000) \
+                 WHERE created_at < now() - make_interval(secs => $1) \
                  ORDER BY created_at LIMIT $2)",
-                &[&(micros as f64), &batch],
+                &[&age.as_secs_f64(), &batch],
             )
             .await
             .map_err(db::db_err)
