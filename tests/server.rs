@@ -203,6 +203,32 @@ async fn tls_call_works(endpoint: tonic::transport::Endpoint) -> bool {
         .is_ok()
 }
 
+/// Whether an append goes through within 10 s (the server may still be starting).
+async fn tls_call_works_soon(endpoint: impl Fn() -> tonic::transport::Endpoint) -> bool {
+    for _ in 0..100 {
+        if tls_call_works(endpoint()).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Runs `pgstore serve` with `args` and `env`, which must refuse to start; returns its stderr.
+fn serve_refused<V: AsRef<std::ffi::OsStr>>(
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, V)],
+) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
+        .arg("serve")
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn tls_and_mutual_tls_on_the_grpc_port() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -237,15 +263,10 @@ async fn tls_and_mutual_tls_on_the_grpc_port() {
     // Server TLS: a client that trusts the CA gets in; a plaintext client does not.
     let server = Server::spawn(config.clone()).await;
     let addr = server.addr;
-    let mut up = false;
-    for _ in 0..100 {
-        if tls_call_works(https(addr, client_tls())).await {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "a TLS client reaches the server");
+    assert!(
+        tls_call_works_soon(|| https(addr, client_tls())).await,
+        "a TLS client reaches the server"
+    );
     let plaintext = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_timeout(Duration::from_secs(2))
@@ -257,16 +278,11 @@ async fn tls_and_mutual_tls_on_the_grpc_port() {
     config.tls.client_ca_file = Some(file("clients-ca.pem", &ca_pem));
     let server = Server::spawn(config).await;
     let addr = server.addr;
-    let mut up = false;
-    for _ in 0..100 {
-        let tls = client_tls().identity(Identity::from_pem(&client_cert, &client_key));
-        if tls_call_works(https(addr, tls)).await {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "a client with a certificate from the CA gets in");
+    let with_cert = || client_tls().identity(Identity::from_pem(&client_cert, &client_key));
+    assert!(
+        tls_call_works_soon(|| https(addr, with_cert())).await,
+        "a client with a certificate from the CA gets in"
+    );
     assert!(
         !tls_call_works(https(addr, client_tls())).await,
         "no client certificate: refused"
@@ -280,19 +296,9 @@ async fn tls_and_mutual_tls_on_the_grpc_port() {
 
     // A key without its certificate, an unreadable file or a key given as the certificate stops
     // startup; the error names the key.
-    let refused = |env: &[(&str, std::path::PathBuf)]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-            .args([
-                "serve",
-                "--database-url",
-                "postgres://nobody@127.0.0.1:1/none",
-            ])
-            .envs(env.iter().map(|(k, v)| (*k, v)))
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{env:?} starts");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let no_database =
+        ["--database-url", "postgres://nobody@127.0.0.1:1/none"].map(std::ffi::OsStr::new);
+    let refused = |env: &[(&str, std::path::PathBuf)]| serve_refused(&no_database, env);
     let (key, missing) = (dir.join("server.key"), dir.join("missing.pem"));
     let stderr = refused(&[("PGSTORE_TLS__KEY_FILE", key.clone())]);
     assert!(stderr.contains("tls"), "{stderr}");
@@ -422,31 +428,19 @@ async fn environment_overrides_the_file_and_flags_override_the_environment() {
     assert!(terminate(child).await.success());
 
     // Invalid configuration is refused before binding, with the key named.
-    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-        .args(["serve", "--config"])
-        .arg(&file)
-        .env("PGSTORE_DATABASE__EVENTS_CHANNEL", "bad-channel")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let with_file = [std::ffi::OsStr::new("--config"), file.as_os_str()];
+    let stderr = serve_refused(
+        &with_file,
+        &[("PGSTORE_DATABASE__EVENTS_CHANNEL", "bad-channel")],
+    );
     assert!(stderr.contains("events_channel"), "{stderr}");
-    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-        .args(["serve", "--config"])
-        .arg(&file)
-        .env("PGSTORE_NO_SUCH_KEY", "1")
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "unknown keys are refused");
+    // Unknown keys are refused.
+    serve_refused(&with_file, &[("PGSTORE_NO_SUCH_KEY", "1")]);
     // Token lists come from the environment comma-separated; each one is checked.
-    let out = Command::new(env!("CARGO_BIN_EXE_pgstore"))
-        .args(["serve", "--config"])
-        .arg(&file)
-        .env("PGSTORE_AUTH__TOKENS", "a-long-enough-token-1,short")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_refused(
+        &with_file,
+        &[("PGSTORE_AUTH__TOKENS", "a-long-enough-token-1,short")],
+    );
     assert!(
         stderr.contains("auth.tokens") && stderr.contains("at least 16"),
         "{stderr}"
