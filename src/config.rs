@@ -206,6 +206,9 @@ pub struct DatabaseConfig {
     pub changes_channel: String,
 }
 
+/// Most batches the writer may have in flight.
+const MAX_PIPELINE_DEPTH: usize = 16;
+
 /// Group commit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -216,6 +219,9 @@ pub struct WriterSection {
     pub max_batch_appends: usize,
     /// Most events committed in one transaction.
     pub max_batch_events: usize,
+    /// Most batches in flight at once on the writer's connection: the next is sent while the
+    /// one before it commits, so PostgreSQL does not wait for the writer between batches.
+    pub pipeline_depth: usize,
     /// How long an idempotency key is remembered; forever when absent. Older keys are deleted in
     /// the background, and a retry with one is a new append.
     #[serde(with = "humantime_serde")]
@@ -308,6 +314,7 @@ impl Default for WriterSection {
             queue_depth: w.queue_depth,
             max_batch_appends: w.max_batch_appends,
             max_batch_events: w.max_batch_events,
+            pipeline_depth: w.pipeline_depth,
             idempotency_key_retention: None,
         }
     }
@@ -476,6 +483,12 @@ impl Config {
                 "queue_depth and batch limits must be at least 1".into(),
             );
         }
+        if !(1..=MAX_PIPELINE_DEPTH).contains(&w.pipeline_depth) {
+            return bad(
+                "writer.pipeline_depth",
+                format!("must be between 1 and {MAX_PIPELINE_DEPTH}"),
+            );
+        }
         if w.idempotency_key_retention
             .is_some_and(|d| d < Duration::from_secs(1))
         {
@@ -632,6 +645,7 @@ impl Config {
             queue_depth: self.writer.queue_depth,
             max_batch_appends: self.writer.max_batch_appends,
             max_batch_events: self.writer.max_batch_events,
+            pipeline_depth: self.writer.pipeline_depth,
             connect_timeout: self.database.connect_timeout,
         }
     }

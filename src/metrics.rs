@@ -26,6 +26,8 @@ pub struct Metrics {
     pub batches: AtomicU64,
     /// One-round-trip commits that found the writer's memory stale (and were redone reading).
     pub append_rereads: AtomicU64,
+    /// Batches sent while others were still in flight on the writer's connection.
+    pub batches_pipelined: AtomicU64,
     /// Idempotency keys deleted after their retention.
     pub idempotency_keys_pruned: AtomicU64,
     /// Whether the LISTEN connection is up (0/1).
@@ -99,7 +101,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed) as i64;
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, i64); 18] = [
+        let rows: [(&str, &str, &str, i64); 19] = [
             (
                 "pgstore_replica_reads_total",
                 "counter",
@@ -135,6 +137,12 @@ impl Metrics {
                 "counter",
                 "One-round-trip commits redone with a read first (another writer moved the log).",
                 c(&self.append_rereads),
+            ),
+            (
+                "pgstore_write_batches_pipelined_total",
+                "counter",
+                "Group commits sent while others were still in flight (writer.pipeline_depth).",
+                c(&self.batches_pipelined),
             ),
             (
                 "pgstore_idempotency_keys_pruned_total",

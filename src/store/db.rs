@@ -1,7 +1,7 @@
 //! PostgreSQL connections: the pool manager, per-connection statement cache, and the mapping of
 //! driver errors to domain errors.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use bytes::{BufMut, BytesMut};
 use postgres_types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
@@ -20,18 +20,22 @@ pub type PooledConn<'a> = bb8::PooledConnection<'a, Manager>;
 pub struct PgConn {
     /// The driver's client.
     pub client: Client,
-    /// Statements prepared on this connection, by their SQL text.
-    cache: HashMap<&'static str, Statement>,
+    /// Statements prepared on this connection, by their SQL text. (Locked only to look up or
+    /// add one: statements in flight on one connection may share it.)
+    cache: Mutex<HashMap<&'static str, Statement>>,
 }
 
 impl PgConn {
     /// The prepared statement for `sql`, preparing it on first use.
-    pub async fn stmt(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.cache.get(sql) {
+    pub async fn stmt(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.cache.lock().expect("statement cache").get(sql) {
             return Ok(s.clone());
         }
         let s = self.client.prepare(sql).await?;
-        self.cache.insert(sql, s.clone());
+        self.cache
+            .lock()
+            .expect("statement cache")
+            .insert(sql, s.clone());
         Ok(s)
     }
 
@@ -51,7 +55,7 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<PgConn, tokio_po
     });
     Ok(PgConn {
         client,
-        cache: HashMap::new(),
+        cache: Mutex::new(HashMap::new()),
     })
 }
 

@@ -18,13 +18,24 @@
 //! **One round trip when the writer remembers.** After each commit the writer remembers the log
 //! head and the versions of the streams it saw. When every stream of the next batch is
 //! remembered and the batch plans without a conflict or retry, the whole append is ONE statement
-//! in its own implicit transaction: `pgstore.append_batch` with the remembered head and versions,
-//! which takes the global lock and raises `PGS01` unless the memory is exactly right before it
-//! writes anything. If the check fails (another instance wrote, a lifecycle change) or a client
-//! event id or idempotency key turns out to be stored already (unique violation), nothing was
-//! written; the writer forgets, and commits the batch the two-round-trip way, which reads first.
-//! After a failed check the one-round-trip path rests for a while ([`FAST_PATH_REST`]), so several
-//! instances writing to one database do not pay a wasted round trip per batch.
+//! in its own implicit transaction: `pgstore.append_batch` with the remembered head and versions.
+//! That statement inserts the events, then takes the global lock and raises `PGS01` unless the
+//! memory is exactly right, so that nothing is written (migration 0006). If the check fails
+//! (another instance wrote, a lifecycle change) or a client event id or idempotency key turns out
+//! to be stored already (unique violation), the writer forgets, and commits the batch the
+//! two-round-trip way, which reads first. After a failed check the one-round-trip path rests for
+//! a while ([`FAST_PATH_REST`]), so several instances writing to one database do not pay a wasted
+//! round trip per batch.
+//!
+//! **Several batches in flight.** One-round-trip batches go out on up to
+//! [`WriterConfig::connections`] connections at once, each planned from the memory as the batches
+//! before it will leave it. A batch inserts its rows while the one before it still holds the lock
+//! and commits; its own lock request waits in PostgreSQL until that commit is visible, and its
+//! check then proves that every batch it was planned on committed. So commits, and with them the
+//! visibility of global sequences, stay in sequence order, while the heavy part of an append (its
+//! rows and index entries) runs on several backends. Batches land in the order they were sent;
+//! when one did not commit, those after it fail their checks too (unless they still hold), and
+//! all of them are redone one by one the reading way once nothing is in flight.
 
 use std::{
     collections::HashMap,
@@ -32,6 +43,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures_util::{StreamExt, future::BoxFuture, stream::FuturesOrdered};
 use postgres_types::ToSql;
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -58,6 +70,8 @@ pub struct WriterConfig {
     pub max_batch_appends: usize,
     /// Most events in one transaction (a single larger append still goes alone).
     pub max_batch_events: usize,
+    /// Most one-round-trip batches in flight at once on the writer's connection.
+    pub pipeline_depth: usize,
     /// How long to wait when (re)connecting.
     pub connect_timeout: Duration,
 }
@@ -68,6 +82,7 @@ impl Default for WriterConfig {
             queue_depth: 4096,
             max_batch_appends: 1000,
             max_batch_events: 10_000,
+            pipeline_depth: 2,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -115,9 +130,11 @@ pub fn spawn(
     let (head_tx, head) = watch::channel(0);
     let writer = Writer {
         config,
-        channel,
+        channel: channel.into(),
         settings,
         conn: None,
+        in_flight: FuturesOrdered::new(),
+        redo: Vec::new(),
         head: head_tx,
         metrics,
         memory: Memory::default(),
@@ -128,9 +145,15 @@ pub fn spawn(
 
 struct Writer {
     config: tokio_postgres::Config,
-    channel: String,
+    channel: Arc<str>,
     settings: WriterConfig,
-    conn: Option<PgConn>,
+    /// The connection to the primary, shared by the batches in flight on it.
+    conn: Option<Arc<PgConn>>,
+    /// One-round-trip batches sent and not yet landed, oldest first. Their statements are
+    /// pipelined on the one connection, so PostgreSQL runs them in the order they were sent.
+    in_flight: FuturesOrdered<BoxFuture<'static, Landed>>,
+    /// Batches that landed without committing, to commit in turn once nothing is in flight.
+    redo: Vec<Vec<Request>>,
     head: watch::Sender<u64>,
     metrics: Arc<Metrics>,
     memory: Memory,
@@ -157,7 +180,8 @@ pub const FAST_PATH_REST: Duration = Duration::from_secs(1);
 /// Most streams remembered (beyond it the memory starts afresh).
 const REMEMBERED_STREAMS: usize = 100_000;
 
-/// What the writer knows of the database from its own transactions.
+/// What the writer knows of the database from its own transactions (and, while batches are in
+/// flight, what it will know once they commit).
 #[derive(Default)]
 struct Memory {
     /// The log head after the last transaction, if known.
@@ -261,6 +285,72 @@ struct Rows<'a> {
     upsert_version: Vec<i64>,
 }
 
+/// The idempotency keys to record, column by column.
+#[derive(Default)]
+struct Keys<'a> {
+    key: Vec<&'a str>,
+    stream_id: Vec<&'a str>,
+    version: Vec<i64>,
+    first: Vec<i64>,
+    last: Vec<i64>,
+}
+
+/// Phase 3's rows and keys: the events of every append that `results` say are written (a new,
+/// successful outcome), at the sequences and versions the outcomes give.
+fn lay_out<'a>(
+    cmds: &[&'a AppendCommand],
+    results: &[Result<AppendOutcome>],
+) -> (Rows<'a>, Keys<'a>) {
+    let mut rows = Rows::default();
+    let mut keys = Keys::default();
+    let mut upserted: HashMap<&str, usize> = HashMap::new();
+    for (cmd, result) in cmds.iter().zip(results) {
+        let Ok(o) = result else { continue };
+        if o.duplicate {
+            continue;
+        }
+        let first_version = o.version + 1 - cmd.events.len() as u64;
+        let pk = i64::from(partition_key(&cmd.stream_id));
+        for (i, e) in cmd.events.iter().enumerate() {
+            rows.seq.push((o.first_sequence + i as u64) as i64);
+            rows.stream_id.push(&cmd.stream_id);
+            rows.version.push((first_version + i as u64) as i64);
+            rows.event_id.push(e.event_id);
+            rows.event_type.push(&e.event_type);
+            rows.content_type.push(&e.content_type);
+            match &e.payload {
+                Payload::Json(s) => {
+                    rows.data.push(Some(JsonRef(s)));
+                    rows.data_bytes.push(None);
+                }
+                Payload::Bytes(b) => {
+                    rows.data.push(None);
+                    rows.data_bytes.push(Some(b));
+                }
+            }
+            rows.metadata.push(e.metadata.as_deref().map(JsonRef));
+            rows.created_at.push(e.timestamp);
+            rows.partition_key.push(pk);
+        }
+        match upserted.get(cmd.stream_id.as_str()) {
+            Some(&i) => rows.upsert_version[i] = o.version as i64,
+            None => {
+                upserted.insert(&cmd.stream_id, rows.upsert_stream.len());
+                rows.upsert_stream.push(&cmd.stream_id);
+                rows.upsert_version.push(o.version as i64);
+            }
+        }
+        if let Some(key) = cmd.idempotency_key.as_deref() {
+            keys.key.push(key);
+            keys.stream_id.push(&cmd.stream_id);
+            keys.version.push(o.version as i64);
+            keys.first.push(o.first_sequence as i64);
+            keys.last.push(o.last_sequence as i64);
+        }
+    }
+    (rows, keys)
+}
+
 enum Failure {
     /// Every append in the batch gets this error.
     All(Error),
@@ -269,36 +359,210 @@ enum Failure {
     Data(Error),
 }
 
+/// A one-round-trip batch on its way to the database.
+struct Sent {
+    batch: Vec<Request>,
+    /// What each append gets once the batch commits.
+    results: Vec<Result<AppendOutcome>>,
+    /// The head and stream versions the batch was planned from, for `append_batch` to prove.
+    check: Check,
+    /// The head after the batch.
+    new_head: u64,
+    events: u64,
+}
+
+/// A sent batch back from the database.
+struct Landed {
+    sent: Sent,
+    /// On error, whether the commit had been asked for.
+    outcome: Result<(), (tokio_postgres::Error, bool)>,
+}
+
+/// What the writer does next.
+enum Next {
+    Landed(Landed),
+    Request(Option<Request>),
+    Close,
+}
+
+/// Whether a failed one-round-trip statement wrote nothing because the writer's memory was wrong:
+/// the check failed, or a row it meant to insert is there already (an event id or an idempotency
+/// key).
+fn memory_was_stale(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code() == STALE_MEMORY || *c == SqlState::UNIQUE_VIOLATION)
+}
+
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
-        let mut batch = Vec::with_capacity(self.settings.max_batch_appends);
+        let mut closing = false;
         loop {
-            let first = tokio::select! {
+            let room = self.in_flight.len() < self.settings.pipeline_depth.max(1);
+            let next = tokio::select! {
                 biased;
-                r = rx.recv() => r,
-                _ = shutdown.cancelled() => { rx.close(); rx.recv().await }
+                Some(landed) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    Next::Landed(landed)
+                }
+                r = rx.recv(), if room => Next::Request(r),
+                _ = shutdown.cancelled(), if !closing => Next::Close,
             };
-            let Some(first) = first else { break };
-            let mut events = first.cmd.events.len();
-            batch.push(first);
-            while batch.len() < self.settings.max_batch_appends
-                && events < self.settings.max_batch_events
-            {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        events += r.cmd.events.len();
-                        batch.push(r);
-                    }
-                    Err(_) => break,
+            match next {
+                Next::Landed(landed) => self.land(landed),
+                Next::Request(Some(first)) => {
+                    let batch = self.gather(first, &mut rx);
+                    self.send(batch).await;
+                }
+                Next::Request(None) => break,
+                Next::Close => {
+                    // Commit what is queued already, then stop.
+                    closing = true;
+                    rx.close();
                 }
             }
-            self.commit(std::mem::take(&mut batch)).await;
+            if !self.redo.is_empty() {
+                self.land_all().await;
+                for batch in std::mem::take(&mut self.redo) {
+                    self.commit(batch).await;
+                }
+            }
         }
+        self.land_all().await;
         tracing::debug!("writer stopped");
     }
 
-    /// Commits a batch and answers its callers.
+    /// `first` and every append waiting behind it, up to the batch limits.
+    fn gather(&self, first: Request, rx: &mut mpsc::Receiver<Request>) -> Vec<Request> {
+        let mut events = first.cmd.events.len();
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < self.settings.max_batch_appends
+            && events < self.settings.max_batch_events
+        {
+            match rx.try_recv() {
+                Ok(r) => {
+                    events += r.cmd.events.len();
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Sends a batch the one-round-trip way when the memory plans it cleanly (behind the batches
+    /// in flight, planned on them); otherwise lands everything in flight and commits it in turn.
+    async fn send(&mut self, batch: Vec<Request>) {
+        let planned = {
+            let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
+            self.memory.snapshot(&cmds).and_then(|snapshot| {
+                let plan = plan(&cmds, &snapshot);
+                plan.clean().then(|| {
+                    // The next batch is planned on this one.
+                    self.memory.head = Some(plan.new_head);
+                    for (s, v) in &plan.streams {
+                        self.memory.set(s, (*v, StreamState::Active));
+                    }
+                    (plan.results, plan.new_head, Check::of(snapshot))
+                })
+            })
+        };
+        let Some((results, new_head, check)) = planned else {
+            self.land_all().await;
+            self.commit(batch).await;
+            return;
+        };
+        let conn = match self.connection().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.memory.forget();
+                for req in batch {
+                    let _ = req.reply.send(Err(clone_err(&e)));
+                }
+                return;
+            }
+        };
+        let events = batch.iter().map(|r| r.cmd.events.len() as u64).sum();
+        let sent = Sent {
+            batch,
+            results,
+            check,
+            new_head,
+            events,
+        };
+        if !self.in_flight.is_empty() {
+            self.metrics
+                .batches_pipelined
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let channel = self.channel.clone();
+        self.in_flight
+            .push_back(Box::pin(send_in_one(conn, sent, channel)));
+    }
+
+    /// Answers a landed batch, or keeps it for redoing.
+    fn land(&mut self, landed: Landed) {
+        let Landed { sent, outcome } = landed;
+        match outcome {
+            Ok(()) => {
+                self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .events_written
+                    .fetch_add(sent.events, Ordering::Relaxed);
+                self.metrics
+                    .appends
+                    .fetch_add(sent.batch.len() as u64, Ordering::Relaxed);
+                self.head.send_if_modified(|h| {
+                    let moved = sent.new_head > *h;
+                    *h = (*h).max(sent.new_head);
+                    moved
+                });
+                for (req, res) in sent.batch.into_iter().zip(sent.results) {
+                    let _ = req.reply.send(res);
+                }
+            }
+            Err((e, _)) if memory_was_stale(&e) => {
+                // The statement was its own transaction and rolled back: nothing was written.
+                self.stale();
+                self.redo.push(sent.batch);
+            }
+            Err((e, commit_sent)) => {
+                // Its own transaction ended with the statement: nothing to roll back.
+                self.memory.forget();
+                if is_connection_error(&e) {
+                    self.conn = None;
+                }
+                tracing::warn!(error = %e, "append batch failed");
+                match classify(e, commit_sent) {
+                    Failure::Data(_) if sent.batch.len() > 1 => {
+                        self.redo.extend(sent.batch.into_iter().map(|r| vec![r]));
+                    }
+                    Failure::Data(e) | Failure::All(e) => {
+                        for req in sent.batch {
+                            let _ = req.reply.send(Err(clone_err(&e)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lands every batch in flight.
+    async fn land_all(&mut self) {
+        while let Some(landed) = self.in_flight.next().await {
+            self.land(landed);
+        }
+    }
+
+    /// The memory proved stale: forget it, and rest the one-round-trip path.
+    fn stale(&mut self) {
+        self.metrics.append_rereads.fetch_add(1, Ordering::Relaxed);
+        self.memory.forget();
+        self.memory.rest_until = Some(std::time::Instant::now() + FAST_PATH_REST);
+    }
+
+    /// Commits a batch with nothing in flight and answers its callers.
     async fn commit(&mut self, batch: Vec<Request>) {
+        debug_assert!(self.in_flight.is_empty());
         let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
         match self.try_commit(&cmds).await {
             Ok(results) => {
@@ -321,19 +585,20 @@ impl Writer {
         }
     }
 
-    async fn connection(&mut self) -> Result<&mut PgConn> {
-        if self.conn.as_ref().is_some_and(|c| c.is_closed()) {
-            self.conn = None;
+    /// The connection, opened if there is none (or it broke).
+    async fn connection(&mut self) -> Result<Arc<PgConn>> {
+        if let Some(c) = &self.conn
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
         }
-        if self.conn.is_none() {
-            let conn =
-                tokio::time::timeout(self.settings.connect_timeout, db::connect(&self.config))
-                    .await
-                    .map_err(|_| Error::Unavailable("timed out connecting to the primary".into()))?
-                    .map_err(db::db_err)?;
-            self.conn = Some(conn);
-        }
-        Ok(self.conn.as_mut().expect("connected above"))
+        let conn = tokio::time::timeout(self.settings.connect_timeout, db::connect(&self.config))
+            .await
+            .map_err(|_| Error::Unavailable("timed out connecting to the primary".into()))?
+            .map_err(db::db_err)?;
+        let conn = Arc::new(conn);
+        self.conn = Some(conn.clone());
+        Ok(conn)
     }
 
     async fn try_commit(
@@ -341,21 +606,14 @@ impl Writer {
         cmds: &[&AppendCommand],
     ) -> Result<Vec<Result<AppendOutcome>>, Failure> {
         if let Some(snapshot) = self.memory.snapshot(cmds) {
-            let (rows, keys, results, new_head) = plan(cmds, &snapshot);
-            let clean = results
-                .iter()
-                .all(|r| r.as_ref().is_ok_and(|o| !o.duplicate));
-            if clean && !rows.seq.is_empty() {
+            let plan = plan(cmds, &snapshot);
+            if plan.clean() {
                 match self
-                    .commit_in_one(&snapshot, &rows, &keys, new_head)
+                    .commit_in_one(cmds, snapshot, &plan.results, plan.new_head)
                     .await?
                 {
-                    true => return Ok(results),
-                    false => {
-                        self.metrics.append_rereads.fetch_add(1, Ordering::Relaxed);
-                        self.memory.forget();
-                        self.memory.rest_until = Some(std::time::Instant::now() + FAST_PATH_REST);
-                    }
+                    true => return Ok(plan.results),
+                    false => self.stale(),
                 }
             }
         }
@@ -366,38 +624,22 @@ impl Writer {
     /// is stored already) and nothing was written.
     async fn commit_in_one(
         &mut self,
-        snapshot: &Snapshot,
-        rows: &Rows<'_>,
-        keys: &Keys<'_>,
+        cmds: &[&AppendCommand],
+        snapshot: Snapshot,
+        results: &[Result<AppendOutcome>],
         new_head: u64,
     ) -> Result<bool, Failure> {
-        let channel = self.channel.clone();
         let conn = self.connection().await.map_err(Failure::All)?;
-        let (stream_ids, versions): (Vec<&str>, Vec<i64>) = snapshot
-            .streams
-            .iter()
-            .map(|(s, (v, _))| (s.as_str(), *v as i64))
-            .unzip();
-        let check = Check {
-            head: snapshot.head as i64,
-            stream_ids,
-            versions,
-        };
-        match write_and_commit(conn, Some(&check), rows, keys, new_head, &channel).await {
+        let check = Check::of(snapshot);
+        let (rows, keys) = lay_out(cmds, results);
+        match write_and_commit(&conn, Some(&check), &rows, &keys, new_head, &self.channel).await {
             Ok(()) => {
-                self.committed(rows, new_head, []);
+                self.committed(&rows, new_head, []);
                 Ok(true)
             }
-            Err((e, _))
-                if e.code().is_some_and(|c| {
-                    c.code() == STALE_MEMORY || *c == SqlState::UNIQUE_VIOLATION
-                }) =>
-            {
-                // The failed statement aborted the transaction and COMMIT ended it: nothing
-                // was written.
-                Ok(false)
-            }
-            Err((e, commit_sent)) => Err(self.failed(e, commit_sent).await),
+            // The failed statement was its own transaction: nothing was written.
+            Err((e, _)) if memory_was_stale(&e) => Ok(false),
+            Err((e, commit_sent)) => Err(self.failed(&conn, e, commit_sent).await),
         }
     }
 
@@ -406,15 +648,13 @@ impl Writer {
         &mut self,
         cmds: &[&AppendCommand],
     ) -> Result<Vec<Result<AppendOutcome>>, Failure> {
-        let channel = self.channel.clone();
         let conn = self.connection().await.map_err(Failure::All)?;
-        let read = read_under_lock(conn, cmds).await;
-        let snapshot = match read {
+        let snapshot = match read_under_lock(&conn, cmds).await {
             Ok(s) => s,
-            Err(e) => return Err(Failure::All(self.abandon(e).await)),
+            Err(e) => return Err(Failure::All(self.abandon(&conn, e).await)),
         };
-        let (rows, keys, results, new_head) = plan(cmds, &snapshot);
-        let conn = self.conn.as_mut().expect("connected above");
+        let plan = plan(cmds, &snapshot);
+        let (rows, keys) = lay_out(cmds, &plan.results);
         if rows.seq.is_empty() {
             // Nothing to write: every append failed its checks or was a retry.
             let rollback = conn.stmt(ROLLBACK).await;
@@ -428,18 +668,18 @@ impl Writer {
             } else {
                 self.memory.remember(snapshot.head, snapshot.streams);
             }
-            return Ok(results);
+            return Ok(plan.results);
         }
-        match write_and_commit(conn, None, &rows, &keys, new_head, &channel).await {
+        match write_and_commit(&conn, None, &rows, &keys, plan.new_head, &self.channel).await {
             Ok(()) => {
-                self.committed(&rows, new_head, snapshot.streams);
-                Ok(results)
+                self.committed(&rows, plan.new_head, snapshot.streams);
+                Ok(plan.results)
             }
-            Err((e, commit_sent)) => Err(self.failed(e, commit_sent).await),
+            Err((e, commit_sent)) => Err(self.failed(&conn, e, commit_sent).await),
         }
     }
 
-    /// Bookkeeping after a commit: metrics, the head, the memory.
+    /// Bookkeeping after a commit in turn: metrics, the head, the memory.
     fn committed(
         &mut self,
         rows: &Rows<'_>,
@@ -458,13 +698,16 @@ impl Writer {
     }
 
     /// Maps a failed write: a data error lets the batch be retried append by append.
-    async fn failed(&mut self, e: tokio_postgres::Error, commit_sent: bool) -> Failure {
+    async fn failed(
+        &mut self,
+        conn: &PgConn,
+        e: tokio_postgres::Error,
+        commit_sent: bool,
+    ) -> Failure {
         self.memory.forget();
-        let data_error = e
-            .code()
-            .is_some_and(|c| c.code().starts_with("22") || *c == SqlState::CHECK_VIOLATION);
+        let data_error = is_data_error(&e);
         let connection_lost = is_connection_error(&e);
-        let err = self.abandon(e).await;
+        let err = self.abandon(conn, e).await;
         if connection_lost && commit_sent {
             Failure::All(Error::CommitOutcomeUnknown)
         } else if data_error {
@@ -475,12 +718,8 @@ impl Writer {
     }
 
     /// Rolls back after an error (or drops a broken connection) and maps the error.
-    async fn abandon(&mut self, e: tokio_postgres::Error) -> Error {
-        if is_connection_error(&e) {
-            self.conn = None;
-        } else if let Some(conn) = self.conn.as_mut()
-            && conn.client.batch_execute(ROLLBACK).await.is_err()
-        {
+    async fn abandon(&mut self, conn: &PgConn, e: tokio_postgres::Error) -> Error {
+        if is_connection_error(&e) || conn.client.batch_execute(ROLLBACK).await.is_err() {
             self.conn = None;
         }
         tracing::warn!(error = %e, "append batch failed");
@@ -488,9 +727,44 @@ impl Writer {
     }
 }
 
+/// Whether PostgreSQL refused the data (a payload it could not take).
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("22") || *c == SqlState::CHECK_VIOLATION)
+}
+
+/// What the callers of a failed one-round-trip batch get (its transaction is over).
+fn classify(e: tokio_postgres::Error, commit_sent: bool) -> Failure {
+    if is_connection_error(&e) && commit_sent {
+        Failure::All(Error::CommitOutcomeUnknown)
+    } else if is_data_error(&e) {
+        Failure::Data(Error::invalid("events", db::db_err(e).to_string()))
+    } else {
+        Failure::All(db::db_err(e))
+    }
+}
+
+/// A one-round-trip batch's statement, pipelined behind those in flight.
+async fn send_in_one(conn: Arc<PgConn>, sent: Sent, channel: Arc<str>) -> Landed {
+    let outcome = {
+        let cmds: Vec<&AppendCommand> = sent.batch.iter().map(|r| &r.cmd).collect();
+        let (rows, keys) = lay_out(&cmds, &sent.results);
+        write_and_commit(
+            &conn,
+            Some(&sent.check),
+            &rows,
+            &keys,
+            sent.new_head,
+            &channel,
+        )
+        .await
+    };
+    Landed { sent, outcome }
+}
+
 /// Phase 1: begin, take the global lock and read what the checks need, in one round trip.
 async fn read_under_lock(
-    conn: &mut PgConn,
+    conn: &PgConn,
     cmds: &[&AppendCommand],
 ) -> Result<Snapshot, tokio_postgres::Error> {
     let begin = conn.stmt(BEGIN).await?;
@@ -587,23 +861,29 @@ async fn read_under_lock(
     })
 }
 
-/// The idempotency keys to record, column by column.
-#[derive(Default)]
-struct Keys<'a> {
-    key: Vec<&'a str>,
-    stream_id: Vec<&'a str>,
-    version: Vec<i64>,
-    first: Vec<i64>,
-    last: Vec<i64>,
+/// What one planning pass decided.
+struct Plan<'a> {
+    /// Each append's result, in queue order.
+    results: Vec<Result<AppendOutcome>>,
+    /// The head after the batch.
+    new_head: u64,
+    /// Each stream written, with its version after the batch.
+    streams: Vec<(&'a str, u64)>,
 }
 
-/// Phase 2 in memory: checks each append in order and lays out the rows to write.
-fn plan<'a>(
-    cmds: &[&'a AppendCommand],
-    snap: &Snapshot,
-) -> (Rows<'a>, Keys<'a>, Vec<Result<AppendOutcome>>, u64) {
-    let mut rows = Rows::default();
-    let mut keys = Keys::default();
+impl Plan<'_> {
+    /// Whether every append is written as new: the batch can go the one-round-trip way.
+    fn clean(&self) -> bool {
+        !self.results.is_empty()
+            && self
+                .results
+                .iter()
+                .all(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
+    }
+}
+
+/// Phase 2 in memory: checks each append in order against the snapshot and its batch-mates.
+fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot) -> Plan<'a> {
     let mut results = Vec::with_capacity(cmds.len());
     let mut streams: HashMap<&str, (u64, StreamState)> = HashMap::new();
     let mut batch_ids: HashMap<Uuid, Stored> = HashMap::new();
@@ -660,41 +940,21 @@ fn plan<'a>(
             continue;
         }
         let first = next_seq;
-        let pk = i64::from(partition_key(&cmd.stream_id));
-        for (i, e) in cmd.events.iter().enumerate() {
-            let v = version + 1 + i as u64;
-            rows.seq.push(next_seq as i64);
-            rows.stream_id.push(&cmd.stream_id);
-            rows.version.push(v as i64);
-            rows.event_id.push(e.event_id);
-            rows.event_type.push(&e.event_type);
-            rows.content_type.push(&e.content_type);
-            match &e.payload {
-                Payload::Json(s) => {
-                    rows.data.push(Some(JsonRef(s)));
-                    rows.data_bytes.push(None);
-                }
-                Payload::Bytes(b) => {
-                    rows.data.push(None);
-                    rows.data_bytes.push(Some(b));
-                }
-            }
-            rows.metadata.push(e.metadata.as_deref().map(JsonRef));
-            rows.created_at.push(e.timestamp);
-            rows.partition_key.push(pk);
-            if cmd.client_event_ids {
+        let n = cmd.events.len() as u64;
+        if cmd.client_event_ids {
+            for (i, e) in cmd.events.iter().enumerate() {
                 batch_ids.insert(
                     e.event_id,
                     Stored {
                         stream_id: cmd.stream_id.clone(),
-                        version: v,
-                        seq: next_seq,
+                        version: version + 1 + i as u64,
+                        seq: first + i as u64,
                     },
                 );
             }
-            next_seq += 1;
         }
-        let new_version = version + cmd.events.len() as u64;
+        next_seq += n;
+        let new_version = version + n;
         streams.insert(cmd.stream_id.as_str(), (new_version, state));
         if !touched.contains(&cmd.stream_id.as_str()) {
             touched.push(cmd.stream_id.as_str());
@@ -706,11 +966,6 @@ fn plan<'a>(
             duplicate: false,
         };
         if let Some(key) = cmd.idempotency_key.as_deref() {
-            keys.key.push(key);
-            keys.stream_id.push(&cmd.stream_id);
-            keys.version.push(new_version as i64);
-            keys.first.push(first as i64);
-            keys.last.push(outcome.last_sequence as i64);
             batch_keys.insert(
                 key,
                 AppendOutcomeWithStream {
@@ -721,11 +976,12 @@ fn plan<'a>(
         }
         results.push(Ok(outcome));
     }
-    for s in touched {
-        rows.upsert_stream.push(s);
-        rows.upsert_version.push(streams[s].0 as i64);
+    let streams = touched.into_iter().map(|s| (s, streams[s].0)).collect();
+    Plan {
+        results,
+        new_head: next_seq - 1,
+        streams,
     }
-    (rows, keys, results, next_seq - 1)
 }
 
 /// Whether an append whose client event ids are (partly) stored already is a retry of a committed
@@ -768,21 +1024,37 @@ fn retry_by_event_ids(
     }))
 }
 
-/// What `pgstore.append_batch` is to prove before it writes, in a one-round-trip commit.
-struct Check<'a> {
+/// What `pgstore.append_batch` is to prove, in a one-round-trip commit: the head and the stream
+/// versions the batch was planned from.
+struct Check {
     head: i64,
-    stream_ids: Vec<&'a str>,
+    stream_ids: Vec<String>,
     versions: Vec<i64>,
 }
 
-/// Phase 3: write everything and notify with one `pgstore.append_batch` statement, then commit.
-/// With `check`, that statement is the whole append: its own implicit transaction, which first
-/// checks the writer's memory (one round trip, one message each way). Without, it runs in the
-/// transaction phase 1 began, and `COMMIT` is pipelined after it. On error, says whether the
-/// commit had been asked for (then the outcome is unknown if the connection dropped).
+impl Check {
+    fn of(snapshot: Snapshot) -> Check {
+        let (stream_ids, versions) = snapshot
+            .streams
+            .into_iter()
+            .map(|(s, (v, _))| (s, v as i64))
+            .unzip();
+        Check {
+            head: snapshot.head as i64,
+            stream_ids,
+            versions,
+        }
+    }
+}
+
+/// Phase 3: write everything and notify with one `pgstore.append_batch` statement, then
+/// commit. With `check`, that statement is the whole append: its own implicit transaction, which proves the writer's memory before it commits
+/// (one round trip, one message each way). Without, it runs in the transaction phase 1 began,
+/// and `COMMIT` is pipelined after it. On error, says whether the commit had been asked for (then
+/// the outcome is unknown if the connection dropped).
 async fn write_and_commit(
-    conn: &mut PgConn,
-    check: Option<&Check<'_>>,
+    conn: &PgConn,
+    check: Option<&Check>,
     rows: &Rows<'_>,
     keys: &Keys<'_>,
     new_head: u64,
@@ -885,8 +1157,17 @@ mod tests {
         let c2 = cmd("a", ExpectedVersion::Exact(2), 1); // stale after c1
         let c3 = cmd("a", ExpectedVersion::Exact(4), 1);
         let c4 = cmd("b", ExpectedVersion::NoStream, 1);
-        let (rows, _, results, head) = plan(&[&c1, &c2, &c3, &c4], &snap);
-        assert_eq!(head, 14);
+        let cmds = [&c1, &c2, &c3, &c4];
+        let Plan {
+            results,
+            new_head,
+            streams,
+        } = plan(&cmds, &snap);
+        let (rows, _) = lay_out(&cmds, &results);
+        assert_eq!(new_head, 14);
+        assert_eq!(streams, vec![("a", 5), ("b", 1)]);
+        assert_eq!(rows.upsert_stream, vec!["a", "b"]);
+        assert_eq!(rows.upsert_version, vec![5, 1]);
         assert_eq!(rows.seq, vec![11, 12, 13, 14]);
         assert_eq!(rows.version, vec![3, 4, 5, 1]);
         assert!(matches!(
