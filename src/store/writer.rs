@@ -19,23 +19,20 @@
 //! head and the versions of the streams it saw. When every stream of the next batch is
 //! remembered and the batch plans without a conflict or retry, the whole append is ONE statement
 //! in its own implicit transaction: `pgstore.append_batch` with the remembered head and versions.
-//! That statement inserts the events, then takes the global lock and raises `PGS01` unless the
-//! memory is exactly right, so that nothing is written (migration 0006). If the check fails
-//! (another instance wrote, a lifecycle change) or a client event id or idempotency key turns out
-//! to be stored already (unique violation), the writer forgets, and commits the batch the
-//! two-round-trip way, which reads first. After a failed check the one-round-trip path rests for
+//! That statement takes the global lock and raises `PGS01` unless the memory is exactly right,
+//! before it writes anything. If the check fails (another instance wrote, a lifecycle change) or a
+//! client event id or idempotency key turns out to be stored already (unique violation), the
+//! writer forgets, and commits the batch the two-round-trip way, which reads first. After a failed check the one-round-trip path rests for
 //! a while ([`FAST_PATH_REST`]), so several instances writing to one database do not pay a wasted
 //! round trip per batch.
 //!
-//! **Several batches in flight.** One-round-trip batches go out on up to
-//! [`WriterConfig::connections`] connections at once, each planned from the memory as the batches
-//! before it will leave it. A batch inserts its rows while the one before it still holds the lock
-//! and commits; its own lock request waits in PostgreSQL until that commit is visible, and its
-//! check then proves that every batch it was planned on committed. So commits, and with them the
-//! visibility of global sequences, stay in sequence order, while the heavy part of an append (its
-//! rows and index entries) runs on several backends. Batches land in the order they were sent;
-//! when one did not commit, those after it fail their checks too (unless they still hold), and
-//! all of them are redone one by one the reading way once nothing is in flight.
+//! **Pipelined.** One-round-trip batches go out behind each other on the writer's connection, up
+//! to [`WriterConfig::pipeline_depth`] in flight, each planned on the memory as the batches
+//! before it will leave it; PostgreSQL starts the next the moment the last one committed, instead
+//! of waiting a round trip for the writer. A connection's statements run in order, so commits
+//! stay in sequence order. Batches land in the order they were sent; when one did not commit,
+//! those behind it fail their checks too (they expect the head it would have left), and all of
+//! them are committed again, in queue order, the reading way once nothing is in flight.
 
 use std::{
     collections::HashMap,
