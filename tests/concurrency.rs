@@ -193,7 +193,8 @@ async fn pipelined_batches_that_meet_another_instance_are_redone_and_lose_nothin
                     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
                 }
                 let stream = format!("shared-{}", (w + i) % STREAMS);
-                let events: Vec<proto::EventData> = (0..1 + i % 5)
+                // Appends large enough for batches to be sent behind each other.
+                let events: Vec<proto::EventData> = (0..10 + (i % 5) * 10)
                     .map(|k| {
                         let mut e = json_event("Put", &format!(r#"{{"w":{w},"i":{i},"k":{k}}}"#));
                         e.event_id = uuid::Uuid::new_v4().to_string();

@@ -27,7 +27,8 @@
 //! round trip per batch.
 //!
 //! **Pipelined.** One-round-trip batches go out behind each other on the writer's connection, up
-//! to [`WriterConfig::pipeline_depth`] in flight, each planned on the memory as the batches
+//! to [`WriterConfig::pipeline_depth`] in flight (while those in flight are large enough to be
+//! worth it, [`PIPELINE_MIN_EVENTS`]), each planned on the memory as the batches
 //! before it will leave it; PostgreSQL starts the next the moment the last one committed, instead
 //! of waiting a round trip for the writer. A connection's statements run in order, so commits
 //! stay in sequence order. Batches land in the order they were sent; when one did not commit,
@@ -131,6 +132,7 @@ pub fn spawn(
         settings,
         conn: None,
         in_flight: FuturesOrdered::new(),
+        in_flight_events: 0,
         redo: Vec::new(),
         head: head_tx,
         metrics,
@@ -149,6 +151,8 @@ struct Writer {
     /// One-round-trip batches sent and not yet landed, oldest first. Their statements are
     /// pipelined on the one connection, so PostgreSQL runs them in the order they were sent.
     in_flight: FuturesOrdered<BoxFuture<'static, Landed>>,
+    /// Events of the batches in flight.
+    in_flight_events: u64,
     /// Batches that landed without committing, to commit in turn once nothing is in flight.
     redo: Vec<Vec<Request>>,
     head: watch::Sender<u64>,
@@ -174,6 +178,10 @@ const APPEND_BATCH: &str = "SELECT pgstore.append_batch($1, $2, $3, $4, $5, $6, 
 const STALE_MEMORY: &str = "PGS01";
 /// How long the one-round-trip path rests after the memory proved stale.
 pub const FAST_PATH_REST: Duration = Duration::from_secs(1);
+/// Fewest events in flight for the next batch to be sent behind them. Smaller batches commit in
+/// less than the round trip it would save, and waiting for them gathers the next batch larger:
+/// fewer commits, fewer wake-ups of subscribers.
+const PIPELINE_MIN_EVENTS: u64 = 64;
 /// Most streams remembered (beyond it the memory starts afresh).
 const REMEMBERED_STREAMS: usize = 100_000;
 
@@ -394,7 +402,9 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
         let mut closing = false;
         loop {
-            let room = self.in_flight.len() < self.settings.pipeline_depth.max(1);
+            let room = self.in_flight.is_empty()
+                || (self.in_flight.len() < self.settings.pipeline_depth
+                    && self.in_flight_events >= PIPELINE_MIN_EVENTS);
             let next = tokio::select! {
                 biased;
                 Some(landed) = self.in_flight.next(), if !self.in_flight.is_empty() => {
@@ -491,6 +501,7 @@ impl Writer {
                 .batches_pipelined
                 .fetch_add(1, Ordering::Relaxed);
         }
+        self.in_flight_events += sent.events;
         let channel = self.channel.clone();
         self.in_flight
             .push_back(Box::pin(send_in_one(conn, sent, channel)));
@@ -499,6 +510,7 @@ impl Writer {
     /// Answers a landed batch, or keeps it for redoing.
     fn land(&mut self, landed: Landed) {
         let Landed { sent, outcome } = landed;
+        self.in_flight_events -= sent.events;
         match outcome {
             Ok(()) => {
                 self.metrics.batches.fetch_add(1, Ordering::Relaxed);
