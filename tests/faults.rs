@@ -74,14 +74,7 @@ async fn acknowledged_appends_survive_a_sigkill_and_none_is_half_written() {
             let mut acked: Vec<Vec<String>> = Vec::new();
             let mut attempted: Vec<Vec<String>> = Vec::new();
             for i in 0.. {
-                let events: Vec<proto::EventData> = (0..3)
-                    .map(|_| {
-                        let mut e = json_event("E", &format!("{i}"));
-                        e.event_id = uuid::Uuid::new_v4().to_string();
-                        e
-                    })
-                    .collect();
-                let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+                let (events, ids) = events_with_ids(3, i);
                 attempted.push(ids.clone());
                 match c
                     .append(append(&format!("crash-{}", w % 5), None, events))
@@ -97,13 +90,7 @@ async fn acknowledged_appends_survive_a_sigkill_and_none_is_half_written() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     child.kill().expect("SIGKILL pgstore");
     child.wait().unwrap();
-    let mut acked = Vec::new();
-    let mut attempted = Vec::new();
-    for w in writers {
-        let (a, b) = w.await.unwrap();
-        acked.extend(a);
-        attempted.extend(b);
-    }
+    let (acked, attempted) = join_writers(writers).await;
     assert!(
         acked.len() > 50,
         "appends were acknowledged before the kill ({})",
@@ -114,10 +101,52 @@ async fn acknowledged_appends_survive_a_sigkill_and_none_is_half_written() {
     let port = free_port();
     let mut child = spawn_pgstore(&url, port);
     let mut c = connect(port).await;
-    let all = read_all(&mut c).await;
+    assert_log_keeps(&read_all(&mut c).await, &acked, &attempted);
+    // The server still works.
+    c.append(append("after", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Ids of the appends each writer had acknowledged, and of those it tried.
+type Appends = (Vec<Vec<String>>, Vec<Vec<String>>);
+
+/// The appends of every writer, acknowledged and tried.
+async fn join_writers(writers: Vec<tokio::task::JoinHandle<Appends>>) -> Appends {
+    let (mut acked, mut attempted) = (Vec::new(), Vec::new());
+    for w in writers {
+        let (a, b) = w.await.unwrap();
+        acked.extend(a);
+        attempted.extend(b);
+    }
+    (acked, attempted)
+}
+
+/// `n` events with ids of the test's choosing, and those ids.
+fn events_with_ids(n: usize, i: usize) -> (Vec<proto::EventData>, Vec<String>) {
+    let events: Vec<proto::EventData> = (0..n)
+        .map(|_| {
+            let mut e = json_event("E", &format!("{i}"));
+            e.event_id = uuid::Uuid::new_v4().to_string();
+            e
+        })
+        .collect();
+    let ids = events.iter().map(|e| e.event_id.clone()).collect();
+    (events, ids)
+}
+
+/// The log holds every acknowledged append, no append in part (`attempted` are the event ids of
+/// each append tried), and dense global sequences.
+fn assert_log_keeps(
+    all: &[proto::RecordedEvent],
+    acked: &[Vec<String>],
+    attempted: &[Vec<String>],
+) {
     let stored: HashMap<&str, &proto::RecordedEvent> =
         all.iter().map(|e| (e.event_id.as_str(), e)).collect();
-    for ids in &acked {
+    for ids in acked {
         for id in ids {
             assert!(
                 stored.contains_key(id.as_str()),
@@ -125,7 +154,7 @@ async fn acknowledged_appends_survive_a_sigkill_and_none_is_half_written() {
             );
         }
     }
-    for ids in &attempted {
+    for ids in attempted {
         let present = ids
             .iter()
             .filter(|id| stored.contains_key(id.as_str()))
@@ -142,12 +171,6 @@ async fn acknowledged_appends_survive_a_sigkill_and_none_is_half_written() {
             "global sequences are dense"
         );
     }
-    // The server still works.
-    c.append(append("after", None, vec![json_event("E", "{}")]))
-        .await
-        .unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 /// Waits until the server and the event store service both report `want`.
@@ -240,14 +263,7 @@ async fn a_postgres_crash_with_batches_in_flight_loses_nothing_acknowledged() {
             let mut attempted: Vec<Vec<String>> = Vec::new();
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
-                let events: Vec<proto::EventData> = (0..20)
-                    .map(|_| {
-                        let mut e = json_event("E", &format!("{i}"));
-                        e.event_id = uuid::Uuid::new_v4().to_string();
-                        e
-                    })
-                    .collect();
-                let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+                let (events, ids) = events_with_ids(20, i);
                 attempted.push(ids.clone());
                 match c
                     .append(append(&format!("pg-crash-{w}"), None, events))
@@ -280,42 +296,9 @@ async fn a_postgres_crash_with_batches_in_flight_loses_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::SeqCst);
-    let mut acked = Vec::new();
-    let mut attempted = Vec::new();
-    for w in writers {
-        let (a, b) = w.await.unwrap();
-        acked.extend(a);
-        attempted.extend(b);
-    }
+    let (acked, attempted) = join_writers(writers).await;
 
     let mut c = server.client().await;
-    let all = read_all(&mut c).await;
-    let stored: HashMap<&str, &proto::RecordedEvent> =
-        all.iter().map(|e| (e.event_id.as_str(), e)).collect();
-    for ids in &acked {
-        for id in ids {
-            assert!(
-                stored.contains_key(id.as_str()),
-                "an acknowledged event was lost"
-            );
-        }
-    }
-    for ids in &attempted {
-        let present = ids
-            .iter()
-            .filter(|id| stored.contains_key(id.as_str()))
-            .count();
-        assert!(
-            present == 0 || present == ids.len(),
-            "an append was half-written"
-        );
-    }
-    for (i, e) in all.iter().enumerate() {
-        assert_eq!(
-            e.global_sequence,
-            i as u64 + 1,
-            "global sequences are dense"
-        );
-    }
+    assert_log_keeps(&read_all(&mut c).await, &acked, &attempted);
     server.shutdown().await.unwrap();
 }
