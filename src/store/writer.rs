@@ -513,18 +513,10 @@ impl Writer {
         self.in_flight_events -= sent.events;
         match outcome {
             Ok(()) => {
-                self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .events_written
-                    .fetch_add(sent.events, Ordering::Relaxed);
+                self.published(sent.events, sent.new_head);
                 self.metrics
                     .appends
                     .fetch_add(sent.batch.len() as u64, Ordering::Relaxed);
-                self.head.send_if_modified(|h| {
-                    let moved = sent.new_head > *h;
-                    *h = (*h).max(sent.new_head);
-                    moved
-                });
                 for (req, res) in sent.batch.into_iter().zip(sent.results) {
                     let _ = req.reply.send(res);
                 }
@@ -695,18 +687,28 @@ impl Writer {
         new_head: u64,
         seen: impl IntoIterator<Item = (String, (u64, StreamState))>,
     ) {
-        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .events_written
-            .fetch_add(rows.seq.len() as u64, Ordering::Relaxed);
-        self.head.send_replace(new_head);
+        self.published(rows.seq.len() as u64, new_head);
         self.memory.remember(new_head, seen);
         for (s, v) in rows.upsert_stream.iter().zip(&rows.upsert_version) {
             self.memory.set(s, (*v as u64, StreamState::Active));
         }
     }
 
-    /// Maps a failed write: a data error lets the batch be retried append by append.
+    /// A commit landed: metrics, and the head for local subscribers (it only moves forward).
+    fn published(&mut self, events: u64, new_head: u64) {
+        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .events_written
+            .fetch_add(events, Ordering::Relaxed);
+        self.head.send_if_modified(|h| {
+            let moved = new_head > *h;
+            *h = (*h).max(new_head);
+            moved
+        });
+    }
+
+    /// Maps a failed write in a transaction of its own: a data error lets the batch be retried
+    /// append by append.
     async fn failed(
         &mut self,
         conn: &PgConn,
@@ -714,25 +716,22 @@ impl Writer {
         commit_sent: bool,
     ) -> Failure {
         self.memory.forget();
-        let data_error = is_data_error(&e);
-        let connection_lost = is_connection_error(&e);
-        let err = self.abandon(conn, e).await;
-        if connection_lost && commit_sent {
-            Failure::All(Error::CommitOutcomeUnknown)
-        } else if data_error {
-            Failure::Data(Error::invalid("events", err.to_string()))
-        } else {
-            Failure::All(err)
-        }
+        self.roll_back(conn, &e).await;
+        classify(e, commit_sent)
     }
 
     /// Rolls back after an error (or drops a broken connection) and maps the error.
     async fn abandon(&mut self, conn: &PgConn, e: tokio_postgres::Error) -> Error {
-        if is_connection_error(&e) || conn.client.batch_execute(ROLLBACK).await.is_err() {
+        self.roll_back(conn, &e).await;
+        db::db_err(e)
+    }
+
+    /// Ends the transaction `e` aborted, or lets go of the connection if that fails too.
+    async fn roll_back(&mut self, conn: &PgConn, e: &tokio_postgres::Error) {
+        if is_connection_error(e) || conn.client.batch_execute(ROLLBACK).await.is_err() {
             self.conn = None;
         }
         tracing::warn!(error = %e, "append batch failed");
-        db::db_err(e)
     }
 }
 
@@ -742,7 +741,8 @@ fn is_data_error(e: &tokio_postgres::Error) -> bool {
         .is_some_and(|c| c.code().starts_with("22") || *c == SqlState::CHECK_VIOLATION)
 }
 
-/// What the callers of a failed one-round-trip batch get (its transaction is over).
+/// What the callers of a failed batch get: a lost connection after COMMIT was asked for leaves
+/// the outcome unknown; a data error lets the batch be retried append by append.
 fn classify(e: tokio_postgres::Error, commit_sent: bool) -> Failure {
     if is_connection_error(&e) && commit_sent {
         Failure::All(Error::CommitOutcomeUnknown)
