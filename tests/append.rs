@@ -483,3 +483,112 @@ async fn idempotency_keys_are_forgotten_after_their_retention() {
     assert!(retry.duplicate);
     assert_eq!(retry.version, young.version);
 }
+
+/// An id pgstore assigns: a UUIDv8 of the store's prefix (bytes 0-5) and the event's sequence
+/// (the low 62 bits of bytes 8-15).
+fn with_sequence(id: &str, seq: u64) -> String {
+    let mut b = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
+    b[8..].copy_from_slice(&(seq | 1 << 63).to_be_bytes());
+    uuid::Uuid::from_bytes(b).to_string()
+}
+
+#[tokio::test]
+async fn assigned_event_ids_come_from_the_sequence_and_are_checked_when_sent_back() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    c.append(append(
+        "assigned-1",
+        None,
+        vec![json_event("A", "{}"), json_event("B", "{}")],
+    ))
+    .await
+    .unwrap();
+    let mut chosen = json_event("C", "{}");
+    chosen.event_id = uuid::Uuid::new_v4().to_string();
+    c.append(append("assigned-2", None, vec![chosen.clone()]))
+        .await
+        .unwrap();
+    c.append(append("assigned-1", None, vec![json_event("D", "{}")]))
+        .await
+        .unwrap();
+
+    let all = read_all(&mut c).await;
+    assert_eq!(all.len(), 4);
+    let prefix = |id: &str| uuid::Uuid::parse_str(id).unwrap().as_bytes()[..8].to_vec();
+    for e in [&all[0], &all[1], &all[3]] {
+        let id = uuid::Uuid::parse_str(&e.event_id).unwrap();
+        assert_eq!(id.get_version_num(), 8, "{id}");
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(
+            e.event_id,
+            with_sequence(&all[0].event_id, e.global_sequence)
+        );
+        assert_eq!(prefix(&e.event_id), prefix(&all[0].event_id));
+    }
+    assert_eq!(all[2].event_id, chosen.event_id, "a client's id is kept");
+    // Every read reports the same ids.
+    let loaded = c
+        .load(proto::LoadRequest {
+            stream_id: "assigned-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let ids: Vec<&str> = loaded.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(ids, [&all[0].event_id, &all[1].event_id, &all[3].event_id]);
+
+    // Sending assigned ids back: the same events in the same place are a retry...
+    let again = |e: &proto::RecordedEvent, ty: &str| {
+        let mut ev = json_event(ty, "{}");
+        ev.event_id = e.event_id.clone();
+        ev
+    };
+    let retry = c
+        .append(append(
+            "assigned-1",
+            None,
+            vec![again(&all[0], "A"), again(&all[1], "B")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retry.duplicate);
+    assert_eq!(
+        (retry.version, retry.first_sequence, retry.last_sequence),
+        (2, 1, 2)
+    );
+    // ...and anywhere else a conflict, as for ids clients chose.
+    let err = c
+        .append(append("assigned-3", None, vec![again(&all[3], "D")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(
+        err.get_details_error_info().unwrap().reason,
+        "EVENT_ID_CONFLICT"
+    );
+    // An id of the store's form that no event has (a sequence not reached yet, or one whose
+    // event has a client's id) is refused: the event at that sequence has or will get it.
+    for seq in [5, 1_000_000, all[2].global_sequence] {
+        let mut forged = json_event("F", "{}");
+        forged.event_id = with_sequence(&all[0].event_id, seq);
+        let err = c
+            .append(append("assigned-4", None, vec![forged]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "seq {seq}: {err:?}");
+        assert!(err.message().contains("events[0].event_id"), "{err:?}");
+    }
+    assert_eq!(read_all(&mut c).await.len(), 4, "nothing was written");
+    // The next assigned id is the one of the next sequence.
+    let next = c
+        .append(append("assigned-4", None, vec![json_event("G", "{}")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.first_sequence, 5);
+    let all = read_all(&mut c).await;
+    assert_eq!(all[4].event_id, with_sequence(&all[0].event_id, 5));
+}

@@ -210,7 +210,8 @@ fn event(i: usize, e: proto::EventData, limits: &Limits) -> Result<(NewEvent, bo
     use proto::event_data::Payload as P;
     let field = |f: &str| format!("events[{i}].{f}");
     let (event_id, client_id) = if e.event_id.is_empty() {
-        (Uuid::now_v7(), false)
+        // The writer assigns it from the event's sequence (store::ids).
+        (Uuid::nil(), false)
     } else {
         let id = Uuid::parse_str(&e.event_id)
             .map_err(|err| Error::invalid(field("event_id"), format!("not a UUID: {err}")))?;

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotency_key_age",
         include_str!("../../migrations/0005_idempotency_key_age.sql"),
     ),
+    (
+        6,
+        "assigned_event_ids",
+        include_str!("../../migrations/0006_assigned_event_ids.sql"),
+    ),
 ];
 
 /// Applies every migration not applied yet. Returns how many were applied.

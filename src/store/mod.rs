@@ -3,6 +3,7 @@
 
 pub mod checkpoints;
 pub mod db;
+pub mod ids;
 pub mod lifecycle;
 pub mod migrate;
 pub mod read;
@@ -117,7 +118,7 @@ impl Payload {
 /// A validated event to append.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
-    /// The event id (client's, or generated).
+    /// The event id the client chose (nil when it chose none: the writer assigns one).
     pub event_id: Uuid,
     /// The event type.
     pub event_type: String,
@@ -251,6 +252,12 @@ impl Store {
     ) -> Result<(Store, JoinHandle<()>)> {
         let mut conn = db::connect(&config.primary).await.map_err(db::db_err)?;
         migrate::migrate(&mut conn.client).await?;
+        let prefix: i64 = conn
+            .client
+            .query_one("SELECT id_prefix FROM pgstore.store", &[])
+            .await
+            .map_err(db::db_err)?
+            .get(0);
         drop(conn);
         let pool = db::pool(config.primary.clone(), config.pool_size, config.pool_wait);
         let router = Arc::new(router::Router::new(
@@ -266,6 +273,7 @@ impl Store {
             config.writer.clone(),
             metrics,
             shutdown,
+            ids::AssignedIds::new(prefix as u64),
         );
         Ok((
             Store {

@@ -54,6 +54,7 @@ use uuid::Uuid;
 use super::{
     AppendCommand, AppendOutcome, Payload, StreamState,
     db::{self, JsonRef, PgConn, is_connection_error},
+    ids::AssignedIds,
     partition_key,
 };
 use crate::error::{Error, Result};
@@ -123,6 +124,7 @@ pub fn spawn(
     settings: WriterConfig,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    ids: AssignedIds,
 ) -> (Handle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(settings.queue_depth);
     let (head_tx, head) = watch::channel(0);
@@ -137,6 +139,7 @@ pub fn spawn(
         head: head_tx,
         metrics,
         memory: Memory::default(),
+        ids,
     };
     let task = tokio::spawn(writer.run(rx, shutdown));
     (Handle { tx, head }, task)
@@ -158,6 +161,8 @@ struct Writer {
     head: watch::Sender<u64>,
     metrics: Arc<Metrics>,
     memory: Memory,
+    /// The ids this store assigns to events appended without one.
+    ids: AssignedIds,
 }
 
 const BEGIN: &str = "BEGIN";
@@ -166,8 +171,12 @@ const ROLLBACK: &str = "ROLLBACK";
 const LOCK_HEAD: &str = "SELECT seq FROM pgstore.head FOR UPDATE";
 const READ_STREAMS: &str =
     "SELECT stream_id, version, state FROM pgstore.streams WHERE stream_id = ANY($1)";
-const FIND_EVENT_IDS: &str =
-    "SELECT event_id, stream_id, version, seq FROM pgstore.events WHERE event_id = ANY($1)";
+/// Client event ids stored already: through the unique index of ids outside this store's own
+/// range, and, for ids inside it (`$2`, their sequences), through the primary key.
+const FIND_EVENT_IDS: &str = "SELECT event_id, stream_id, version, seq FROM pgstore.events \
+     WHERE event_id = ANY($1) AND NOT pgstore.assigned_event_id(event_id) \
+     UNION ALL SELECT event_id, stream_id, version, seq FROM pgstore.events \
+     WHERE seq = ANY($2) AND event_id = ANY($1)";
 const FIND_KEYS: &str = "SELECT key, stream_id, version, first_seq, last_seq \
      FROM pgstore.idempotency_keys WHERE key = ANY($1)";
 /// Every write of a batch in one statement (migration 0004).
@@ -305,6 +314,7 @@ struct Keys<'a> {
 fn lay_out<'a>(
     cmds: &[&'a AppendCommand],
     results: &[Result<AppendOutcome>],
+    ids: AssignedIds,
 ) -> (Rows<'a>, Keys<'a>) {
     let mut rows = Rows::default();
     let mut keys = Keys::default();
@@ -317,10 +327,15 @@ fn lay_out<'a>(
         let first_version = o.version + 1 - cmd.events.len() as u64;
         let pk = i64::from(partition_key(&cmd.stream_id));
         for (i, e) in cmd.events.iter().enumerate() {
-            rows.seq.push((o.first_sequence + i as u64) as i64);
+            let seq = o.first_sequence + i as u64;
+            rows.seq.push(seq as i64);
             rows.stream_id.push(&cmd.stream_id);
             rows.version.push((first_version + i as u64) as i64);
-            rows.event_id.push(e.event_id);
+            rows.event_id.push(if cmd.client_event_ids {
+                e.event_id
+            } else {
+                ids.id(seq)
+            });
             rows.event_type.push(&e.event_type);
             rows.content_type.push(&e.content_type);
             match &e.payload {
@@ -462,7 +477,7 @@ impl Writer {
         let planned = {
             let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
             self.memory.snapshot(&cmds).and_then(|snapshot| {
-                let plan = plan(&cmds, &snapshot);
+                let plan = plan(&cmds, &snapshot, self.ids);
                 plan.clean().then(|| {
                     // The next batch is planned on this one.
                     self.memory.head = Some(plan.new_head);
@@ -504,7 +519,7 @@ impl Writer {
         self.in_flight_events += sent.events;
         let channel = self.channel.clone();
         self.in_flight
-            .push_back(Box::pin(send_in_one(conn, sent, channel)));
+            .push_back(Box::pin(send_in_one(conn, sent, channel, self.ids)));
     }
 
     /// Answers a landed batch, or keeps it for redoing.
@@ -607,7 +622,7 @@ impl Writer {
         cmds: &[&AppendCommand],
     ) -> Result<Vec<Result<AppendOutcome>>, Failure> {
         if let Some(snapshot) = self.memory.snapshot(cmds) {
-            let plan = plan(cmds, &snapshot);
+            let plan = plan(cmds, &snapshot, self.ids);
             if plan.clean() {
                 match self
                     .commit_in_one(cmds, snapshot, &plan.results, plan.new_head)
@@ -632,7 +647,7 @@ impl Writer {
     ) -> Result<bool, Failure> {
         let conn = self.connection().await.map_err(Failure::All)?;
         let check = Check::of(snapshot);
-        let (rows, keys) = lay_out(cmds, results);
+        let (rows, keys) = lay_out(cmds, results, self.ids);
         match write_and_commit(&conn, Some(&check), &rows, &keys, new_head, &self.channel).await {
             Ok(()) => {
                 self.committed(&rows, new_head, []);
@@ -650,12 +665,12 @@ impl Writer {
         cmds: &[&AppendCommand],
     ) -> Result<Vec<Result<AppendOutcome>>, Failure> {
         let conn = self.connection().await.map_err(Failure::All)?;
-        let snapshot = match read_under_lock(&conn, cmds).await {
+        let snapshot = match read_under_lock(&conn, cmds, self.ids).await {
             Ok(s) => s,
             Err(e) => return Err(Failure::All(self.abandon(&conn, e).await)),
         };
-        let plan = plan(cmds, &snapshot);
-        let (rows, keys) = lay_out(cmds, &plan.results);
+        let plan = plan(cmds, &snapshot, self.ids);
+        let (rows, keys) = lay_out(cmds, &plan.results, self.ids);
         if rows.seq.is_empty() {
             // Nothing to write: every append failed its checks or was a retry.
             let rollback = conn.stmt(ROLLBACK).await;
@@ -754,10 +769,10 @@ fn classify(e: tokio_postgres::Error, commit_sent: bool) -> Failure {
 }
 
 /// A one-round-trip batch's statement, pipelined behind those in flight.
-async fn send_in_one(conn: Arc<PgConn>, sent: Sent, channel: Arc<str>) -> Landed {
+async fn send_in_one(conn: Arc<PgConn>, sent: Sent, channel: Arc<str>, ids: AssignedIds) -> Landed {
     let outcome = {
         let cmds: Vec<&AppendCommand> = sent.batch.iter().map(|r| &r.cmd).collect();
-        let (rows, keys) = lay_out(&cmds, &sent.results);
+        let (rows, keys) = lay_out(&cmds, &sent.results, ids);
         write_and_commit(
             &conn,
             Some(&sent.check),
@@ -775,6 +790,7 @@ async fn send_in_one(conn: Arc<PgConn>, sent: Sent, channel: Arc<str>) -> Landed
 async fn read_under_lock(
     conn: &PgConn,
     cmds: &[&AppendCommand],
+    ids: AssignedIds,
 ) -> Result<Snapshot, tokio_postgres::Error> {
     let begin = conn.stmt(BEGIN).await?;
     let lock = conn.stmt(LOCK_HEAD).await?;
@@ -803,7 +819,12 @@ async fn read_under_lock(
         if event_ids.is_empty() {
             Ok(Vec::new())
         } else {
-            client.query(&ids_stmt, &[event_ids]).await
+            let seqs: Vec<i64> = event_ids
+                .iter()
+                .filter_map(|id| ids.seq(id))
+                .map(|s| s as i64)
+                .collect();
+            client.query(&ids_stmt, &[event_ids, &seqs]).await
         }
     };
     let find_keys = async {
@@ -892,7 +913,7 @@ impl Plan<'_> {
 }
 
 /// Phase 2 in memory: checks each append in order against the snapshot and its batch-mates.
-fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot) -> Plan<'a> {
+fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: AssignedIds) -> Plan<'a> {
     let mut results = Vec::with_capacity(cmds.len());
     let mut streams: HashMap<&str, (u64, StreamState)> = HashMap::new();
     let mut batch_ids: HashMap<Uuid, Stored> = HashMap::new();
@@ -924,6 +945,25 @@ fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot) -> Plan<'a> {
             && let Some(r) = retry_by_event_ids(cmd, &snap.event_ids, &batch_ids)
         {
             results.push(r);
+            continue;
+        }
+        // An id of this store's own form that no stored event has would be given again to the
+        // event at its sequence.
+        if cmd.client_event_ids
+            && let Some((i, e)) = cmd
+                .events
+                .iter()
+                .enumerate()
+                .find(|(_, e)| ids.seq(&e.event_id).is_some())
+        {
+            results.push(Err(Error::invalid(
+                format!("events[{i}].event_id"),
+                format!(
+                    "{} is of the form this store gives the events it assigns ids to, \
+                     and no stored event has it",
+                    e.event_id
+                ),
+            )));
             continue;
         }
         let (version, state) = *streams.entry(cmd.stream_id.as_str()).or_insert_with(|| {
@@ -1135,6 +1175,8 @@ mod tests {
     use super::*;
     use crate::store::{ExpectedVersion, NewEvent};
 
+    const IDS: AssignedIds = AssignedIds::new(0x1234_5678_9abc);
+
     fn cmd(stream: &str, expected: ExpectedVersion, n: usize) -> AppendCommand {
         AppendCommand {
             stream_id: stream.into(),
@@ -1171,8 +1213,8 @@ mod tests {
             results,
             new_head,
             streams,
-        } = plan(&cmds, &snap);
-        let (rows, _) = lay_out(&cmds, &results);
+        } = plan(&cmds, &snap, IDS);
+        let (rows, _) = lay_out(&cmds, &results, IDS);
         assert_eq!(new_head, 14);
         assert_eq!(streams, vec![("a", 5), ("b", 1)]);
         assert_eq!(rows.upsert_stream, vec!["a", "b"]);
