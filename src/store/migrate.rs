@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "assigned_event_ids",
         include_str!("../../migrations/0006_assigned_event_ids.sql"),
     ),
+    (
+        7,
+        "append_batch_head",
+        include_str!("../../migrations/0007_append_batch_head.sql"),
+    ),
 ];
 
 /// Applies every migration not applied yet. Returns how many were applied.
