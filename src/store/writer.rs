@@ -8,7 +8,7 @@
 //!    client event ids and idempotency keys already stored: one pipelined round trip.
 //! 2. In memory, check every append in queue order against the versions as its batch-mates leave
 //!    them: a conflicting append fails alone, a retry gets its original result.
-//! 3. One `pgstore.append_batch(...)` statement (migration 0004) takes the rows as arrays, inserts
+//! 3. One `pgstore.append_batch(...)` statement (migrations 0004 and 0007) takes the rows as arrays, inserts
 //!    all events, upserts stream versions, moves the head, records idempotency keys and
 //!    `pg_notify`s the new head once; `COMMIT` follows in the same round trip.
 //! 4. Answer every caller.
@@ -179,7 +179,7 @@ const FIND_EVENT_IDS: &str = "SELECT event_id, stream_id, version, seq FROM pgst
      WHERE seq = ANY($2) AND event_id = ANY($1)";
 const FIND_KEYS: &str = "SELECT key, stream_id, version, first_seq, last_seq \
      FROM pgstore.idempotency_keys WHERE key = ANY($1)";
-/// Every write of a batch in one statement (migration 0004).
+/// Every write of a batch in one statement (migrations 0004 and 0007).
 const APPEND_BATCH: &str = "SELECT pgstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
      $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)";
 
