@@ -273,6 +273,32 @@ const RAW_SCHEMA: &str = "
     CREATE TABLE pgstore_bench.head (id boolean PRIMARY KEY, seq bigint NOT NULL);
     INSERT INTO pgstore_bench.head VALUES (true, 0);";
 
+/// A raw connection with the append statements prepared on it.
+struct RawConn {
+    client: tokio_postgres::Client,
+    insert: tokio_postgres::Statement,
+    insert_seq: tokio_postgres::Statement,
+    lock: tokio_postgres::Statement,
+    bump_head: tokio_postgres::Statement,
+}
+
+impl RawConn {
+    async fn new(url: &str) -> RawConn {
+        let client = raw_client(url).await;
+        let prepare = |sql: &'static str| {
+            let client = &client;
+            async move { client.prepare(sql).await.expect("prepare") }
+        };
+        RawConn {
+            insert: prepare(RAW_INSERT).await,
+            insert_seq: prepare(RAW_INSERT_SEQ).await,
+            lock: prepare("SELECT pg_advisory_xact_lock(7)").await,
+            bump_head: prepare("UPDATE pgstore_bench.head SET seq = seq + $1 RETURNING seq").await,
+            client,
+        }
+    }
+}
+
 const RAW_INSERT: &str = "INSERT INTO pgstore_bench.events (stream_id, version, event_id, event_type, data) \
      SELECT $1, v, e, 'BenchEvent', d::jsonb FROM unnest($2::bigint[], $3::uuid[], $4::text[]) AS t(v, e, d)";
 const RAW_INSERT_SEQ: &str = "INSERT INTO pgstore_bench.events (seq, stream_id, version, event_id, event_type, data) \
@@ -344,9 +370,31 @@ async fn append_scenario(a: AppendArgs) {
     })
     .await;
 
+    // The floor under any append: one gRPC call to the same server that does no work (the
+    // standard health check), with the same clients. An append costs this plus a commit.
+    let mut health = Vec::new();
+    for _ in 0..a.clients {
+        health.push(target.health().await);
+    }
+    let floor = drive("gRPC floor (health)", a.clients, &a.common, |w| {
+        let client = health[w].clone();
+        Box::new(move || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.message().to_owned())
+            }
+        })
+    })
+    .await;
+
     let Some(url) = a.common.database_url.clone() else {
         print_header();
         print_row("pgstore", &pg, n);
+        print_row("gRPC floor (health)", &floor, 0);
         println!("(raw baselines skipped: pass --database-url)");
         return;
     };
@@ -356,10 +404,11 @@ async fn append_scenario(a: AppendArgs) {
         .await
         .expect("bench schema");
 
-    // Raw (a): one INSERT transaction per append, no ordering guarantee.
+    // Raw (a): one INSERT transaction per append, no ordering guarantee. Each connection prepares
+    // its statements once, as a client that cares about latency does.
     let mut raws = Vec::new();
     for _ in 0..a.clients {
-        raws.push(Arc::new(raw_client(&url).await));
+        raws.push(Arc::new(RawConn::new(&url).await));
     }
     let versions: Arc<Vec<AtomicU64>> =
         Arc::new((0..a.clients).map(|_| AtomicU64::new(0)).collect());
@@ -369,12 +418,12 @@ async fn append_scenario(a: AppendArgs) {
         let versions = versions.clone();
         let run = format!("{run_id}-{}", if locked { "b" } else { "a" });
         move |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
-            let client = raws[w].clone();
+            let raw = raws[w].clone();
             let payload = payload.clone();
             let versions = versions.clone();
             let stream = format!("raw-{run}-{w}");
             Box::new(move || {
-                let client = client.clone();
+                let raw = raw.clone();
                 let payload = payload.clone();
                 let v0 = versions[w].fetch_add(n as u64, Ordering::Relaxed);
                 let stream = stream.clone();
@@ -382,32 +431,21 @@ async fn append_scenario(a: AppendArgs) {
                     let vs: Vec<i64> = (1..=n as i64).map(|k| v0 as i64 + k).collect();
                     let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
                     let data: Vec<String> = vec![payload; n];
+                    let c = &raw.client;
                     let r: Result<(), tokio_postgres::Error> = async {
                         if !locked {
                             // One statement = one implicit transaction: one round trip.
-                            client
-                                .execute(RAW_INSERT, &[&stream, &vs, &ids, &data])
-                                .await?;
+                            c.execute(&raw.insert, &[&stream, &vs, &ids, &data]).await?;
                             return Ok(());
                         }
-                        client.batch_execute("BEGIN").await?;
-                        {
-                            client
-                                .execute("SELECT pg_advisory_xact_lock(7)", &[])
-                                .await?;
-                            let row = client
-                                .query_one(
-                                    "UPDATE pgstore_bench.head SET seq = seq + $1 RETURNING seq",
-                                    &[&(n as i64)],
-                                )
-                                .await?;
-                            let last: i64 = row.get(0);
-                            let seqs: Vec<i64> = (last - n as i64 + 1..=last).collect();
-                            client
-                                .execute(RAW_INSERT_SEQ, &[&stream, &seqs, &vs, &ids, &data])
-                                .await?;
-                        }
-                        client.batch_execute("COMMIT").await
+                        c.batch_execute("BEGIN").await?;
+                        c.execute(&raw.lock, &[]).await?;
+                        let row = c.query_one(&raw.bump_head, &[&(n as i64)]).await?;
+                        let last: i64 = row.get(0);
+                        let seqs: Vec<i64> = (last - n as i64 + 1..=last).collect();
+                        c.execute(&raw.insert_seq, &[&stream, &seqs, &vs, &ids, &data])
+                            .await?;
+                        c.batch_execute("COMMIT").await
                     }
                     .await;
                     r.map_err(|e| match e.as_db_error() {
@@ -432,11 +470,14 @@ async fn append_scenario(a: AppendArgs) {
     print_row("pgstore", &pg, n);
     print_row("raw (a) insert per tx", &raw_a, n);
     print_row("raw (b) + global lock", &raw_b, n);
+    print_row("gRPC floor (health)", &floor, 0);
     println!(
-        "ratio pgstore/raw(a): {:.2}x   pgstore/raw(b): {:.2}x   p50 delta vs raw(a): {:+.3} ms",
+        "ratio pgstore/raw(a): {:.2}x   pgstore/raw(b): {:.2}x   p50 delta vs raw(a): {:+.3} ms \
+         (gRPC floor p50 {:.3} ms)",
         pg.rate() / raw_a.rate(),
         pg.rate() / raw_b.rate(),
-        pg.ms(0.5) - raw_a.ms(0.5)
+        pg.ms(0.5) - raw_a.ms(0.5),
+        floor.ms(0.5)
     );
     let _ = raw_client(&url)
         .await
@@ -505,6 +546,17 @@ impl Target {
         EventStoreClient::with_interceptor(channel, self.token.clone())
     }
 }
+
+impl Target {
+    /// A health client on its own HTTP/2 connection.
+    async fn health(&self) -> HealthClient {
+        let channel = self.endpoint.connect().await.expect("connect to pgstore");
+        tonic_health::pb::health_client::HealthClient::with_interceptor(channel, self.token.clone())
+    }
+}
+
+type HealthClient =
+    tonic_health::pb::health_client::HealthClient<InterceptedService<Channel, BearerToken>>;
 
 /// The log head.
 async fn latest(target: &Target) -> u64 {
