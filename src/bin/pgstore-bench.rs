@@ -542,16 +542,19 @@ impl Target {
 
     /// A new client on its own HTTP/2 connection.
     async fn connect(&self) -> Client {
-        let channel = self.endpoint.connect().await.expect("connect to pgstore");
-        EventStoreClient::with_interceptor(channel, self.token.clone())
+        EventStoreClient::with_interceptor(self.channel().await, self.token.clone())
     }
-}
 
-impl Target {
     /// A health client on its own HTTP/2 connection.
     async fn health(&self) -> HealthClient {
-        let channel = self.endpoint.connect().await.expect("connect to pgstore");
-        tonic_health::pb::health_client::HealthClient::with_interceptor(channel, self.token.clone())
+        tonic_health::pb::health_client::HealthClient::with_interceptor(
+            self.channel().await,
+            self.token.clone(),
+        )
+    }
+
+    async fn channel(&self) -> Channel {
+        self.endpoint.connect().await.expect("connect to pgstore")
     }
 }
 
