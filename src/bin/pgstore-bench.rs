@@ -120,6 +120,11 @@ struct AppendArgs {
     /// Streams shared by the clients (0 = one stream per client).
     #[arg(long, default_value_t = 0)]
     streams: usize,
+    /// Split each measurement into this many slices and run the slices of pgstore, the gRPC
+    /// floor and the raw baselines in turn, so that a drift of the machine during the run falls
+    /// on all of them alike. Each slice has its own warm-up.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 /// One benchmark operation in flight.
@@ -138,6 +143,21 @@ struct Stats {
 }
 
 impl Stats {
+    fn empty() -> Self {
+        Stats {
+            ops: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latency: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+        }
+    }
+    /// Adds another slice of the same measurement.
+    fn merge(&mut self, other: Stats) {
+        self.ops += other.ops;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.latency.add(&other.latency).unwrap();
+    }
     fn rate(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
@@ -271,7 +291,8 @@ const RAW_SCHEMA: &str = "
     );
     CREATE UNIQUE INDEX ON pgstore_bench.events (event_id);
     CREATE TABLE pgstore_bench.head (id boolean PRIMARY KEY, seq bigint NOT NULL);
-    INSERT INTO pgstore_bench.head VALUES (true, 0);";
+    -- Raw (b) numbers its rows from here, clear of raw (a)'s bigserial.
+    INSERT INTO pgstore_bench.head VALUES (true, 1000000000000);";
 
 /// A raw connection with the append statements prepared on it.
 struct RawConn {
@@ -308,7 +329,7 @@ async fn append_scenario(a: AppendArgs) {
     let payload = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
     let n = a.events_per_append;
     println!(
-        "append: clients={} events/append={} payload={}B streams={} duration={:?}",
+        "append: clients={} events/append={} payload={}B streams={} duration={:?} rounds={}",
         a.clients,
         n,
         a.payload_bytes,
@@ -317,7 +338,8 @@ async fn append_scenario(a: AppendArgs) {
         } else {
             a.streams.to_string()
         },
-        a.common.duration
+        a.common.duration,
+        a.rounds
     );
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let stream_of = {
@@ -345,7 +367,7 @@ async fn append_scenario(a: AppendArgs) {
             ..Default::default()
         })
         .collect();
-    let pg = drive("pgstore", a.clients, &a.common, |w| {
+    let mut pg_op = |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
         let client = clients[w].clone();
         let events = events.clone();
         let stream_of = stream_of.clone();
@@ -359,16 +381,15 @@ async fn append_scenario(a: AppendArgs) {
                 events: events.clone(),
                 idempotency_key: String::new(),
             };
-            async move {
+            Box::pin(async move {
                 client
                     .append(req)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.message().to_owned())
-            }
+            })
         })
-    })
-    .await;
+    };
 
     // The floor under any append: one gRPC call to the same server that does no work (the
     // standard health check), with the same clients. An append costs this plus a commit.
@@ -376,98 +397,148 @@ async fn append_scenario(a: AppendArgs) {
     for _ in 0..a.clients {
         health.push(target.health().await);
     }
-    let floor = drive("gRPC floor (health)", a.clients, &a.common, |w| {
+    let mut floor_op = |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
         let client = health[w].clone();
         Box::new(move || {
             let mut client = client.clone();
-            async move {
+            Box::pin(async move {
                 client
                     .check(tonic_health::pb::HealthCheckRequest::default())
                     .await
                     .map(|_| ())
                     .map_err(|e| e.message().to_owned())
-            }
+            })
         })
-    })
-    .await;
+    };
+    let rounds = a.rounds;
+    let slice = Common {
+        duration: a.common.duration / rounds,
+        ..a.common.clone()
+    };
+    let label = |name: &str, r: u32| {
+        if rounds == 1 {
+            name.to_owned()
+        } else {
+            format!("{name} {}/{rounds}", r + 1)
+        }
+    };
 
-    let Some(url) = a.common.database_url.clone() else {
-        print_header();
-        print_row("pgstore", &pg, n);
+    // The raw baselines, if there is a database to run them against.
+    let raw = match a.common.database_url.clone() {
+        None => None,
+        Some(url) => {
+            raw_client(&url)
+                .await
+                .batch_execute(RAW_SCHEMA)
+                .await
+                .expect("bench schema");
+            // Each connection prepares its statements once, as a client that cares about latency
+            // does.
+            let mut raws = Vec::new();
+            for _ in 0..a.clients {
+                raws.push(Arc::new(RawConn::new(&url).await));
+            }
+            Some((url, raws))
+        }
+    };
+    let counters =
+        || -> Arc<Vec<AtomicU64>> { Arc::new((0..a.clients).map(|_| AtomicU64::new(0)).collect()) };
+    let (versions_a, versions_b) = (counters(), counters());
+
+    let mut pg = Stats::empty();
+    let mut floor = Stats::empty();
+    let mut raw_a = Stats::empty();
+    let mut raw_b = Stats::empty();
+    for r in 0..rounds {
+        pg.merge(drive(&label("pgstore", r), a.clients, &slice, &mut pg_op).await);
+        floor.merge(
+            drive(
+                &label("gRPC floor (health)", r),
+                a.clients,
+                &slice,
+                &mut floor_op,
+            )
+            .await,
+        );
+        let Some((_, raws)) = &raw else { continue };
+        // Raw (a): one INSERT transaction per append, no ordering guarantee. Raw (b): the same
+        // behind one global lock and a head row (the naive gap-free log).
+        let raws = raws.clone();
+        let make_raw = |locked: bool, versions: &Arc<Vec<AtomicU64>>| {
+            let raws = raws.clone();
+            let payload = payload.clone();
+            let versions = versions.clone();
+            let run = format!("{run_id}-{}", if locked { "b" } else { "a" });
+            move |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
+                let raw = raws[w].clone();
+                let payload = payload.clone();
+                let versions = versions.clone();
+                let stream = format!("raw-{run}-{w}");
+                Box::new(move || {
+                    let raw = raw.clone();
+                    let payload = payload.clone();
+                    let v0 = versions[w].fetch_add(n as u64, Ordering::Relaxed);
+                    let stream = stream.clone();
+                    Box::pin(async move {
+                        let vs: Vec<i64> = (1..=n as i64).map(|k| v0 as i64 + k).collect();
+                        let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
+                        let data: Vec<String> = vec![payload; n];
+                        let c = &raw.client;
+                        let r: Result<(), tokio_postgres::Error> = async {
+                            if !locked {
+                                // One statement = one implicit transaction: one round trip.
+                                c.execute(&raw.insert, &[&stream, &vs, &ids, &data]).await?;
+                                return Ok(());
+                            }
+                            c.batch_execute("BEGIN").await?;
+                            c.execute(&raw.lock, &[]).await?;
+                            let row = c.query_one(&raw.bump_head, &[&(n as i64)]).await?;
+                            let last: i64 = row.get(0);
+                            let seqs: Vec<i64> = (last - n as i64 + 1..=last).collect();
+                            c.execute(&raw.insert_seq, &[&stream, &seqs, &vs, &ids, &data])
+                                .await?;
+                            c.batch_execute("COMMIT").await
+                        }
+                        .await;
+                        if r.is_err() && locked {
+                            // Leave the connection usable for the next call.
+                            let _ = c.batch_execute("ROLLBACK").await;
+                        }
+                        r.map_err(|e| match e.as_db_error() {
+                            Some(db) => db.message().to_owned(),
+                            None => e.to_string(),
+                        })
+                    })
+                })
+            }
+        };
+        raw_a.merge(
+            drive(
+                &label("raw (a) unordered", r),
+                a.clients,
+                &slice,
+                make_raw(false, &versions_a),
+            )
+            .await,
+        );
+        raw_b.merge(
+            drive(
+                &label("raw (b) global lock", r),
+                a.clients,
+                &slice,
+                make_raw(true, &versions_b),
+            )
+            .await,
+        );
+    }
+
+    print_header();
+    print_row("pgstore", &pg, n);
+    let Some((url, _)) = raw else {
         print_row("gRPC floor (health)", &floor, 0);
         println!("(raw baselines skipped: pass --database-url)");
         return;
     };
-    raw_client(&url)
-        .await
-        .batch_execute(RAW_SCHEMA)
-        .await
-        .expect("bench schema");
-
-    // Raw (a): one INSERT transaction per append, no ordering guarantee. Each connection prepares
-    // its statements once, as a client that cares about latency does.
-    let mut raws = Vec::new();
-    for _ in 0..a.clients {
-        raws.push(Arc::new(RawConn::new(&url).await));
-    }
-    let versions: Arc<Vec<AtomicU64>> =
-        Arc::new((0..a.clients).map(|_| AtomicU64::new(0)).collect());
-    let make_raw = |locked: bool| {
-        let raws = raws.clone();
-        let payload = payload.clone();
-        let versions = versions.clone();
-        let run = format!("{run_id}-{}", if locked { "b" } else { "a" });
-        move |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
-            let raw = raws[w].clone();
-            let payload = payload.clone();
-            let versions = versions.clone();
-            let stream = format!("raw-{run}-{w}");
-            Box::new(move || {
-                let raw = raw.clone();
-                let payload = payload.clone();
-                let v0 = versions[w].fetch_add(n as u64, Ordering::Relaxed);
-                let stream = stream.clone();
-                Box::pin(async move {
-                    let vs: Vec<i64> = (1..=n as i64).map(|k| v0 as i64 + k).collect();
-                    let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
-                    let data: Vec<String> = vec![payload; n];
-                    let c = &raw.client;
-                    let r: Result<(), tokio_postgres::Error> = async {
-                        if !locked {
-                            // One statement = one implicit transaction: one round trip.
-                            c.execute(&raw.insert, &[&stream, &vs, &ids, &data]).await?;
-                            return Ok(());
-                        }
-                        c.batch_execute("BEGIN").await?;
-                        c.execute(&raw.lock, &[]).await?;
-                        let row = c.query_one(&raw.bump_head, &[&(n as i64)]).await?;
-                        let last: i64 = row.get(0);
-                        let seqs: Vec<i64> = (last - n as i64 + 1..=last).collect();
-                        c.execute(&raw.insert_seq, &[&stream, &seqs, &vs, &ids, &data])
-                            .await?;
-                        c.batch_execute("COMMIT").await
-                    }
-                    .await;
-                    r.map_err(|e| match e.as_db_error() {
-                        Some(db) => db.message().to_owned(),
-                        None => e.to_string(),
-                    })
-                })
-            })
-        }
-    };
-    let raw_a = drive("raw (a) unordered", a.clients, &a.common, make_raw(false)).await;
-    for v in versions.iter() {
-        v.store(0, Ordering::Relaxed);
-    }
-    raw_client(&url)
-        .await
-        .batch_execute("TRUNCATE pgstore_bench.events")
-        .await
-        .expect("truncate");
-    let raw_b = drive("raw (b) global lock", a.clients, &a.common, make_raw(true)).await;
-    print_header();
-    print_row("pgstore", &pg, n);
     print_row("raw (a) insert per tx", &raw_a, n);
     print_row("raw (b) + global lock", &raw_b, n);
     print_row("gRPC floor (health)", &floor, 0);
