@@ -130,6 +130,14 @@ struct AppendArgs {
 /// One benchmark operation in flight.
 type OpFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
+/// Makes worker `w`'s operation for one measurement (called again for every slice of it).
+type OpFactory<'a> = Box<dyn FnMut(usize) -> Box<dyn FnMut() -> OpFuture + Send> + 'a>;
+
+/// A latency histogram in microseconds, up to a minute.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
+}
+
 fn humantime_parse(s: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -148,7 +156,7 @@ impl Stats {
             ops: 0,
             errors: 0,
             elapsed: Duration::ZERO,
-            latency: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            latency: histogram(),
         }
     }
     /// Adds another slice of the same measurement.
@@ -181,7 +189,7 @@ where
         let mut op = make(w);
         let (measuring, done, count) = (measuring.clone(), done.clone(), count.clone());
         tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut h = histogram();
             let mut errors = 0u64;
             let mut last_error = None;
             while !done.load(Ordering::Relaxed) {
@@ -229,7 +237,7 @@ where
     tokio::time::sleep(common.duration).await;
     done.store(true, Ordering::SeqCst);
     let elapsed = start.elapsed();
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut latency = histogram();
     let mut errors = 0;
     for t in tasks {
         let (h, e, last) = t.await.unwrap();
@@ -325,6 +333,46 @@ const RAW_INSERT: &str = "INSERT INTO pgstore_bench.events (stream_id, version, 
 const RAW_INSERT_SEQ: &str = "INSERT INTO pgstore_bench.events (seq, stream_id, version, event_id, event_type, data) \
      SELECT s, $1, v, e, 'BenchEvent', d::jsonb FROM unnest($2::bigint[], $3::bigint[], $4::uuid[], $5::text[]) AS t(s, v, e, d)";
 
+/// One raw append of `n` events to `stream` after version `v0`: a single INSERT, or with `locked`
+/// the same in a transaction behind the global lock and the head row.
+async fn raw_append(
+    raw: Arc<RawConn>,
+    stream: String,
+    v0: u64,
+    n: usize,
+    payload: String,
+    locked: bool,
+) -> Result<(), String> {
+    let vs: Vec<i64> = (1..=n as i64).map(|k| v0 as i64 + k).collect();
+    let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
+    let data: Vec<String> = vec![payload; n];
+    let c = &raw.client;
+    let r: Result<(), tokio_postgres::Error> = async {
+        if !locked {
+            // One statement = one implicit transaction: one round trip.
+            c.execute(&raw.insert, &[&stream, &vs, &ids, &data]).await?;
+            return Ok(());
+        }
+        c.batch_execute("BEGIN").await?;
+        c.execute(&raw.lock, &[]).await?;
+        let row = c.query_one(&raw.bump_head, &[&(n as i64)]).await?;
+        let last: i64 = row.get(0);
+        let seqs: Vec<i64> = (last - n as i64 + 1..=last).collect();
+        c.execute(&raw.insert_seq, &[&stream, &seqs, &vs, &ids, &data])
+            .await?;
+        c.batch_execute("COMMIT").await
+    }
+    .await;
+    if r.is_err() && locked {
+        // Leave the connection usable for the next call.
+        let _ = c.batch_execute("ROLLBACK").await;
+    }
+    r.map_err(|e| match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => e.to_string(),
+    })
+}
+
 async fn append_scenario(a: AppendArgs) {
     let payload = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
     let n = a.events_per_append;
@@ -367,7 +415,7 @@ async fn append_scenario(a: AppendArgs) {
             ..Default::default()
         })
         .collect();
-    let mut pg_op = |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
+    let pg_op = |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
         let client = clients[w].clone();
         let events = events.clone();
         let stream_of = stream_of.clone();
@@ -397,7 +445,7 @@ async fn append_scenario(a: AppendArgs) {
     for _ in 0..a.clients {
         health.push(target.health().await);
     }
-    let mut floor_op = |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
+    let floor_op = |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
         let client = health[w].clone();
         Box::new(move || {
             let mut client = client.clone();
@@ -410,20 +458,8 @@ async fn append_scenario(a: AppendArgs) {
             })
         })
     };
-    let rounds = a.rounds;
-    let slice = Common {
-        duration: a.common.duration / rounds,
-        ..a.common.clone()
-    };
-    let label = |name: &str, r: u32| {
-        if rounds == 1 {
-            name.to_owned()
-        } else {
-            format!("{name} {}/{rounds}", r + 1)
-        }
-    };
-
-    // The raw baselines, if there is a database to run them against.
+    // The raw baselines, if there is a database to run them against. Each connection prepares
+    // its statements once, as a client that cares about latency does.
     let raw = match a.common.database_url.clone() {
         None => None,
         Some(url) => {
@@ -432,8 +468,6 @@ async fn append_scenario(a: AppendArgs) {
                 .batch_execute(RAW_SCHEMA)
                 .await
                 .expect("bench schema");
-            // Each connection prepares its statements once, as a client that cares about latency
-            // does.
             let mut raws = Vec::new();
             for _ in 0..a.clients {
                 raws.push(Arc::new(RawConn::new(&url).await));
@@ -441,100 +475,64 @@ async fn append_scenario(a: AppendArgs) {
             Some((url, raws))
         }
     };
-    let counters =
-        || -> Arc<Vec<AtomicU64>> { Arc::new((0..a.clients).map(|_| AtomicU64::new(0)).collect()) };
-    let (versions_a, versions_b) = (counters(), counters());
-
-    let mut pg = Stats::empty();
-    let mut floor = Stats::empty();
-    let mut raw_a = Stats::empty();
-    let mut raw_b = Stats::empty();
-    for r in 0..rounds {
-        pg.merge(drive(&label("pgstore", r), a.clients, &slice, &mut pg_op).await);
-        floor.merge(
-            drive(
-                &label("gRPC floor (health)", r),
-                a.clients,
-                &slice,
-                &mut floor_op,
-            )
-            .await,
-        );
-        let Some((_, raws)) = &raw else { continue };
-        // Raw (a): one INSERT transaction per append, no ordering guarantee. Raw (b): the same
-        // behind one global lock and a head row (the naive gap-free log).
-        let raws = raws.clone();
-        let make_raw = |locked: bool, versions: &Arc<Vec<AtomicU64>>| {
-            let raws = raws.clone();
+    // Raw (a): one INSERT transaction per append, no ordering guarantee. Raw (b): the same behind
+    // one global lock and a head row (the naive gap-free log). Each has streams of its own.
+    let make_raw = |locked: bool, raws: &[Arc<RawConn>]| -> OpFactory<'static> {
+        let raws = raws.to_vec();
+        let payload = payload.clone();
+        let run = format!("{run_id}-{}", if locked { "b" } else { "a" });
+        // A stream's last version, kept across the rounds (each slice makes its ops anew).
+        let versions: Arc<Vec<AtomicU64>> =
+            Arc::new(raws.iter().map(|_| AtomicU64::new(0)).collect());
+        Box::new(move |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
+            let raw = raws[w].clone();
             let payload = payload.clone();
             let versions = versions.clone();
-            let run = format!("{run_id}-{}", if locked { "b" } else { "a" });
-            move |w: usize| -> Box<dyn FnMut() -> OpFuture + Send> {
-                let raw = raws[w].clone();
-                let payload = payload.clone();
-                let versions = versions.clone();
-                let stream = format!("raw-{run}-{w}");
-                Box::new(move || {
-                    let raw = raw.clone();
-                    let payload = payload.clone();
-                    let v0 = versions[w].fetch_add(n as u64, Ordering::Relaxed);
-                    let stream = stream.clone();
-                    Box::pin(async move {
-                        let vs: Vec<i64> = (1..=n as i64).map(|k| v0 as i64 + k).collect();
-                        let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
-                        let data: Vec<String> = vec![payload; n];
-                        let c = &raw.client;
-                        let r: Result<(), tokio_postgres::Error> = async {
-                            if !locked {
-                                // One statement = one implicit transaction: one round trip.
-                                c.execute(&raw.insert, &[&stream, &vs, &ids, &data]).await?;
-                                return Ok(());
-                            }
-                            c.batch_execute("BEGIN").await?;
-                            c.execute(&raw.lock, &[]).await?;
-                            let row = c.query_one(&raw.bump_head, &[&(n as i64)]).await?;
-                            let last: i64 = row.get(0);
-                            let seqs: Vec<i64> = (last - n as i64 + 1..=last).collect();
-                            c.execute(&raw.insert_seq, &[&stream, &seqs, &vs, &ids, &data])
-                                .await?;
-                            c.batch_execute("COMMIT").await
-                        }
-                        .await;
-                        if r.is_err() && locked {
-                            // Leave the connection usable for the next call.
-                            let _ = c.batch_execute("ROLLBACK").await;
-                        }
-                        r.map_err(|e| match e.as_db_error() {
-                            Some(db) => db.message().to_owned(),
-                            None => e.to_string(),
-                        })
-                    })
-                })
-            }
-        };
-        raw_a.merge(
-            drive(
-                &label("raw (a) unordered", r),
-                a.clients,
-                &slice,
-                make_raw(false, &versions_a),
-            )
-            .await,
-        );
-        raw_b.merge(
-            drive(
-                &label("raw (b) global lock", r),
-                a.clients,
-                &slice,
-                make_raw(true, &versions_b),
-            )
-            .await,
-        );
+            let stream = format!("raw-{run}-{w}");
+            Box::new(move || {
+                let v0 = versions[w].fetch_add(n as u64, Ordering::Relaxed);
+                Box::pin(raw_append(
+                    raw.clone(),
+                    stream.clone(),
+                    v0,
+                    n,
+                    payload.clone(),
+                    locked,
+                ))
+            })
+        })
+    };
+
+    // Every measurement, in the order the slices of a round run.
+    let mut phases: Vec<(&str, Stats, OpFactory<'_>)> = vec![
+        ("pgstore", Stats::empty(), Box::new(pg_op)),
+        ("gRPC floor (health)", Stats::empty(), Box::new(floor_op)),
+    ];
+    if let Some((_, raws)) = &raw {
+        phases.push(("raw (a) unordered", Stats::empty(), make_raw(false, raws)));
+        phases.push(("raw (b) global lock", Stats::empty(), make_raw(true, raws)));
     }
+    let rounds = a.rounds;
+    let slice = Common {
+        duration: a.common.duration / rounds,
+        ..a.common.clone()
+    };
+    for r in 0..rounds {
+        for (name, stats, op) in &mut phases {
+            let label = if rounds == 1 {
+                name.to_string()
+            } else {
+                format!("{name} {}/{rounds}", r + 1)
+            };
+            stats.merge(drive(&label, a.clients, &slice, op).await);
+        }
+    }
+    let mut results = phases.into_iter().map(|(_, stats, _)| stats);
+    let (pg, floor) = (results.next().unwrap(), results.next().unwrap());
 
     print_header();
     print_row("pgstore", &pg, n);
-    let Some((url, _)) = raw else {
+    let (Some((url, _)), Some(raw_a), Some(raw_b)) = (raw, results.next(), results.next()) else {
         print_row("gRPC floor (health)", &floor, 0);
         println!("(raw baselines skipped: pass --database-url)");
         return;
@@ -828,8 +826,8 @@ async fn live_scenario(a: LiveArgs) {
             ready_tx.clone(),
         );
         subs.push(tokio::spawn(async move {
-            let mut from_ack = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-            let mut from_send = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut from_ack = histogram();
+            let mut from_send = histogram();
             let mut stream = subscribe_from_end(&mut c).await;
             while let Some(Ok(msg)) = tokio_stream::StreamExt::next(&mut stream).await {
                 match msg.message {
@@ -933,8 +931,8 @@ async fn live_scenario(a: LiveArgs) {
             idempotency_key: String::new(),
         })
         .await;
-    let mut from_ack = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    let mut from_send = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut from_ack = histogram();
+    let mut from_send = histogram();
     for s in subs {
         if let Ok(Ok((h1, h2))) = tokio::time::timeout(Duration::from_secs(5), s).await {
             from_ack.add(&h1).unwrap();
