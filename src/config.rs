@@ -4,21 +4,31 @@
 //! Nested keys from the environment use `__`: `PGSTORE_DATABASE__POOL_SIZE=32` sets
 //! `[database] pool_size = 32`.
 
-use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    net::{SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::store::target::{SocketSettings, Target};
 
-/// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The whole configuration. Its `Debug` output hides connection strings and tokens.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address the gRPC server listens on.
+    /// Address the gRPC server listens on (`host:port`; host names are resolved).
     pub listen: String,
     /// The primary's connection string (libpq URL or key=value). When absent, pgstore runs a local
     /// PostgreSQL cluster in `data_dir`.
     pub database_url: Option<String>,
+    /// A file holding the primary's connection string (first line), so that a password is neither
+    /// on the command line nor in the environment. Used when `database_url` is absent.
+    pub database_url_file: Option<PathBuf>,
     /// Read replicas' connection strings.
     pub replica_urls: Vec<String>,
     /// Where the embedded PostgreSQL cluster lives (only used without `database_url`).
@@ -63,13 +73,100 @@ pub struct TlsSection {
 }
 
 /// Bearer-token authentication of the EventStore service (health and reflection stay open).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Its `Debug` output counts the tokens and shows none.
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     /// Tokens that may call every method.
     pub tokens: Vec<String>,
     /// Tokens that may only call methods that read.
     pub read_tokens: Vec<String>,
+}
+
+impl fmt::Debug for AuthSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthSection")
+            .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
+            .field(
+                "read_tokens",
+                &format_args!("[{} redacted]", self.read_tokens.len()),
+            )
+            .finish()
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.replica_urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field("database_url_file", &self.database_url_file)
+            .field("replica_urls", &urls)
+            .field("data_dir", &self.data_dir)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("log", &self.log)
+            .field("database", &self.database)
+            .field("writer", &self.writer)
+            .field("limits", &self.limits)
+            .field("server", &self.server)
+            .field("live", &self.live)
+            .field("groups", &self.groups)
+            .field("locks", &self.locks)
+            .field("replicas", &self.replicas)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// A connection string with its password replaced by `***` (URL user info, `password=` and
+/// `?password=`).
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(rest) = out
+        .strip_prefix("postgres://")
+        .or_else(|| out.strip_prefix("postgresql://"))
+    {
+        let scheme_len = out.len() - rest.len();
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            out.replace_range(scheme_len + colon + 1..scheme_len + at, "***");
+        }
+    }
+    // key=value and query forms: password=... up to the next space or '&'.
+    let mut result = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("password=") {
+        let boundary = i == 0 || matches!(rest.as_bytes()[i - 1], b' ' | b'&' | b'?' | b'\t');
+        result.push_str(&rest[..i + "password=".len()]);
+        rest = &rest[i + "password=".len()..];
+        if boundary {
+            let end = if let Some(quoted) = rest.strip_prefix('\'') {
+                let mut end = quoted.len();
+                let mut esc = false;
+                for (j, c) in quoted.char_indices() {
+                    match c {
+                        '\\' if !esc => esc = true,
+                        '\'' if !esc => {
+                            end = j + 1;
+                            break;
+                        }
+                        _ => esc = false,
+                    }
+                }
+                (end + 1).min(rest.len())
+            } else {
+                rest.find([' ', '&']).unwrap_or(rest.len())
+            };
+            result.push_str("***");
+            rest = &rest[end..];
+        }
+    }
+    result.push_str(rest);
+    result
 }
 
 /// Read replicas.
@@ -108,7 +205,8 @@ pub struct LocksSection {
     /// holder's instance dies, the lock is free again after at most this long.
     #[serde(with = "humantime_serde")]
     pub lease_timeout: Duration,
-    /// How often a waiting Lock call retries.
+    /// How often a waiting Lock call retries even without a release notification (a safety net:
+    /// waiters are woken by the holder's release, on any instance).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
 }
@@ -117,7 +215,7 @@ impl Default for LocksSection {
     fn default() -> Self {
         LocksSection {
             lease_timeout: Duration::from_secs(10),
-            poll_interval: Duration::from_millis(100),
+            poll_interval: Duration::from_secs(2),
         }
     }
 }
@@ -142,6 +240,11 @@ pub struct LiveSection {
     /// Recent events kept in memory, shared by live subscribers (read once per instance instead
     /// of once per subscriber).
     pub tail_events: usize,
+    /// Bytes that may wait in one subscriber's queue (a single larger event still goes alone).
+    pub max_buffered_bytes: usize,
+    /// A subscriber whose queue stays full this long is cut off with RESOURCE_EXHAUSTED.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 /// Consumer groups.
@@ -167,6 +270,8 @@ impl Default for LiveSection {
             poll_interval: Duration::from_secs(5),
             change_buffer: 1024,
             tail_events: 10_000,
+            max_buffered_bytes: 1024 * 1024,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -197,13 +302,30 @@ pub struct LogConfig {
 pub struct DatabaseConfig {
     /// Connections in the primary pool (reads and small writes; the writer has its own).
     pub pool_size: u32,
-    /// How long to wait for a connection (or a busy pool) before answering UNAVAILABLE.
+    /// How long to wait for a connection (TCP, TLS and login), or for a busy pool, before
+    /// answering UNAVAILABLE.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// PostgreSQL `statement_timeout` of every pgstore session; 0s leaves the server's default.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// `tcp_user_timeout` of every connection: data unacknowledged this long drops it.
+    #[serde(with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
+    /// Idle time before TCP keepalive probes on every connection (then every third of it, three
+    /// probes).
+    #[serde(with = "humantime_serde")]
+    pub keepalives_idle: Duration,
+    /// Consecutive failed connection attempts at startup, each refused for a reason that waiting
+    /// will not change (authentication, missing database, TLS verification), before pgstore
+    /// exits.
+    pub startup_permanent_failures: u32,
     /// NOTIFY channel carrying the log head after each commit.
     pub events_channel: String,
     /// NOTIFY channel carrying projection-change notices.
     pub changes_channel: String,
+    /// NOTIFY channel carrying lock releases (wakes waiting Lock calls on every instance).
+    pub locks_channel: String,
 }
 
 /// Most batches the writer may have in flight.
@@ -226,6 +348,10 @@ pub struct WriterSection {
     /// the background, and a retry with one is a new append.
     #[serde(with = "humantime_serde")]
     pub idempotency_key_retention: Option<Duration>,
+    /// A batch not committed within this long is given up: its callers get UNAVAILABLE with
+    /// "commit outcome unknown" and the writer reconnects.
+    #[serde(with = "humantime_serde")]
+    pub commit_timeout: Duration,
 }
 
 /// Input limits. Violations are refused with INVALID_ARGUMENT or RESOURCE_EXHAUSTED and change
@@ -250,6 +376,9 @@ pub struct Limits {
     pub default_page_size: u32,
     /// Largest page size of Load and ReadFrom (larger requests are capped).
     pub max_page_size: u32,
+    /// A Load or ReadFrom page stops before it grows past this many bytes (a single larger event
+    /// is still returned alone); the cursor in the answer continues after the last event sent.
+    pub max_response_bytes: usize,
 }
 
 /// Server behaviour.
@@ -262,6 +391,21 @@ pub struct ServerSection {
     /// How long shutdown waits for in-flight requests before cutting them off.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Concurrent HTTP/2 streams (calls) per client connection.
+    pub max_concurrent_streams: u32,
+    /// Concurrent long-lived calls (Subscribe, WatchChanges, Lock) per instance.
+    pub max_subscribers: usize,
+    /// HTTP/2 keepalive ping interval (and TCP keepalive idle time) on client connections.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A client that does not answer a keepalive ping within this long is disconnected, and its
+    /// locks, leases and subscriber slots are freed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Longest time a unary call may take (a shorter `grpc-timeout` from the client wins); then
+    /// DEADLINE_EXCEEDED.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl Default for Config {
@@ -269,6 +413,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:50051".into(),
             database_url: None,
+            database_url_file: None,
             replica_urls: Vec::new(),
             data_dir: PathBuf::from("pgstore-data"),
             metrics_listen: None,
@@ -301,8 +446,13 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(60),
+            tcp_user_timeout: Duration::from_secs(30),
+            keepalives_idle: Duration::from_secs(30),
+            startup_permanent_failures: 3,
             events_channel: "eskit_events".into(),
             changes_channel: "eskit_changes".into(),
+            locks_channel: "pgstore_locks".into(),
         }
     }
 }
@@ -316,6 +466,7 @@ impl Default for WriterSection {
             max_batch_events: w.max_batch_events,
             pipeline_depth: w.pipeline_depth,
             idempotency_key_retention: None,
+            commit_timeout: w.commit_timeout,
         }
     }
 }
@@ -331,6 +482,7 @@ impl Default for Limits {
             max_append_bytes: 16 * 1024 * 1024,
             default_page_size: 1000,
             max_page_size: 10_000,
+            max_response_bytes: 3 * 1024 * 1024,
         }
     }
 }
@@ -340,6 +492,11 @@ impl Default for ServerSection {
         ServerSection {
             health_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
+            max_concurrent_streams: 256,
+            max_subscribers: 4096,
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -351,6 +508,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--database-url`.
     pub database_url: Option<String>,
+    /// `--database-url-file`.
+    pub database_url_file: Option<PathBuf>,
     /// `--replica-url` (repeatable).
     pub replica_urls: Vec<String>,
     /// `--data-dir`.
@@ -393,6 +552,24 @@ impl Config {
         if let Some(v) = overrides.database_url {
             config.database_url = Some(v);
         }
+        if let Some(v) = overrides.database_url_file {
+            config.database_url_file = Some(v);
+        }
+        if config.database_url.is_none()
+            && let Some(path) = &config.database_url_file
+        {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::invalid("database_url_file", format!("{}: {e}", path.display()))
+            })?;
+            let url = text.lines().next().unwrap_or_default().trim().to_owned();
+            if url.is_empty() {
+                return Err(Error::invalid(
+                    "database_url_file",
+                    format!("{}: empty", path.display()),
+                ));
+            }
+            config.database_url = Some(url);
+        }
         if !overrides.replica_urls.is_empty() {
             config.replica_urls = overrides.replica_urls;
         }
@@ -414,27 +591,56 @@ impl Config {
             SocketAddr::from_str(m).map_err(|e| Error::invalid("metrics_listen", e.to_string()))?;
         }
         if let Some(url) = &self.database_url {
-            parse_database_url(url).map_err(|e| Error::invalid("database_url", e.to_string()))?;
+            Target::parse(url).map_err(|e| Error::invalid("database_url", e))?;
         }
         for url in &self.replica_urls {
-            parse_database_url(url).map_err(|e| Error::invalid("replica_urls", e.to_string()))?;
+            Target::parse(url).map_err(|e| Error::invalid("replica_urls", e))?;
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return bad("log.format", "must be \"human\" or \"json\"".into());
         }
-        for (key, name) in [
+        let channels = [
             ("database.events_channel", &self.database.events_channel),
             ("database.changes_channel", &self.database.changes_channel),
-        ] {
+            ("database.locks_channel", &self.database.locks_channel),
+        ];
+        for (key, name) in channels {
             if let Err(why) = check_identifier(name) {
                 return bad(key, why);
             }
         }
-        if self.database.events_channel == self.database.changes_channel {
+        for (i, (key, name)) in channels.iter().enumerate() {
+            if channels[..i].iter().any(|(_, other)| other == name) {
+                return bad(key, "the NOTIFY channels must all differ".into());
+            }
+        }
+        if self.database.connect_timeout.is_zero() {
+            return bad("database.connect_timeout", "must be positive".into());
+        }
+        if self.database.startup_permanent_failures == 0 {
             return bad(
-                "database.changes_channel",
-                "must differ from database.events_channel".into(),
+                "database.startup_permanent_failures",
+                "must be at least 1".into(),
             );
+        }
+        if self.writer.commit_timeout < Duration::from_millis(100) {
+            return bad("writer.commit_timeout", "must be at least 100ms".into());
+        }
+        let s = &self.server;
+        if s.max_concurrent_streams == 0 || s.max_subscribers == 0 {
+            return bad(
+                "server",
+                "max_concurrent_streams and max_subscribers must be at least 1".into(),
+            );
+        }
+        if s.keepalive_interval.is_zero() || s.keepalive_timeout.is_zero() {
+            return bad(
+                "server.keepalive_interval",
+                "keepalive_interval and keepalive_timeout must be positive".into(),
+            );
+        }
+        if s.request_timeout < Duration::from_millis(10) {
+            return bad("server.request_timeout", "must be at least 10ms".into());
         }
         for (key, tokens) in [
             ("auth.tokens", &self.auth.tokens),
@@ -512,6 +718,12 @@ impl Config {
                 "must be between 1 and limits.max_page_size".into(),
             );
         }
+        if l.max_response_bytes < 1024 {
+            return bad(
+                "limits.max_response_bytes",
+                "must be at least 1024".into(),
+            );
+        }
         if l.max_append_bytes < l.max_event_bytes {
             return bad(
                 "limits.max_append_bytes",
@@ -527,6 +739,12 @@ impl Config {
             return bad(
                 "live",
                 "buffer, page_size and change_buffer must be at least 1".into(),
+            );
+        }
+        if live.max_buffered_bytes == 0 || live.stall_timeout.is_zero() {
+            return bad(
+                "live",
+                "max_buffered_bytes and stall_timeout must be positive".into(),
             );
         }
         if live.heartbeat_interval.is_zero() || live.poll_interval.is_zero() {
@@ -559,22 +777,34 @@ impl Config {
         Ok(())
     }
 
-    /// The replicas: a `host:port` name and a connection config each.
-    pub fn replica_configs(&self) -> Result<Vec<(String, tokio_postgres::Config)>> {
+    /// The socket settings every database connection gets.
+    pub fn socket_settings(&self) -> SocketSettings {
+        SocketSettings {
+            connect_timeout: self.database.connect_timeout,
+            tcp_user_timeout: self.database.tcp_user_timeout,
+            keepalives_idle: self.database.keepalives_idle,
+            statement_timeout: self.database.statement_timeout,
+        }
+    }
+
+    /// The primary, when a connection string is configured.
+    pub fn primary_target(&self) -> Result<Option<Target>> {
+        let Some(url) = &self.database_url else {
+            return Ok(None);
+        };
+        let mut t = Target::parse(url).map_err(|e| Error::invalid("database_url", e))?;
+        t.apply(&self.socket_settings());
+        Ok(Some(t))
+    }
+
+    /// The replicas.
+    pub fn replica_targets(&self) -> Result<Vec<Target>> {
         self.replica_urls
             .iter()
             .map(|url| {
-                let mut c =
-                    parse_database_url(url).map_err(|e| Error::invalid("replica_urls", e))?;
-                c.connect_timeout(self.database.connect_timeout);
-                let host = match c.get_hosts().first() {
-                    Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                    #[cfg(unix)]
-                    Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-                    None => "localhost".into(),
-                };
-                let port = c.get_ports().first().copied().unwrap_or(5432);
-                Ok((format!("{host}:{port}"), c))
+                let mut t = Target::parse(url).map_err(|e| Error::invalid("replica_urls", e))?;
+                t.apply(&self.socket_settings());
+                Ok(t)
             })
             .collect()
     }
@@ -604,13 +834,32 @@ impl Config {
             locks: crate::live::locks::LockConfig {
                 lease_timeout: self.locks.lease_timeout,
                 poll: self.locks.poll_interval,
+                channel: self.database.locks_channel.clone(),
             },
+            max_buffered_bytes: self.live.max_buffered_bytes,
+            stall_timeout: self.live.stall_timeout,
         }
     }
 
-    /// The gRPC listen address.
+    /// The gRPC listen address: `ip:port`, or `host:port` with the host name resolved (the first
+    /// address it resolves to).
     pub fn listen_addr(&self) -> Result<SocketAddr> {
-        SocketAddr::from_str(&self.listen).map_err(|e| Error::invalid("listen", e.to_string()))
+        if let Ok(a) = SocketAddr::from_str(&self.listen) {
+            return Ok(a);
+        }
+        let bad = |why: String| Error::invalid("listen", format!("{:?}: {why}", self.listen));
+        if !self.listen.contains(':') {
+            return Err(bad(
+                "expected host:port, e.g. 127.0.0.1:50051, [::1]:50051 or localhost:50051".into(),
+            ));
+        }
+        let mut addrs = self
+            .listen
+            .to_socket_addrs()
+            .map_err(|e| bad(format!("cannot resolve: {e}")))?;
+        addrs
+            .next()
+            .ok_or_else(|| bad("resolves to no address".into()))
     }
 
     /// The gRPC server builder, with TLS when it is on (the PEM files read and parsed). Errors
@@ -636,7 +885,7 @@ impl Config {
         }
         builder
             .tls_config(tls)
-            .map_err(|e| Error::invalid("tls", error_chain(&e)))
+            .map_err(|e| Error::invalid("tls", crate::error::chain(&e)))
     }
 
     /// The writer settings.
@@ -646,39 +895,15 @@ impl Config {
             max_batch_appends: self.writer.max_batch_appends,
             max_batch_events: self.writer.max_batch_events,
             pipeline_depth: self.writer.pipeline_depth,
-            connect_timeout: self.database.connect_timeout,
+            commit_timeout: self.writer.commit_timeout,
         }
     }
 }
 
-/// An error and its sources, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-/// Parses a libpq-style URL or key=value connection string.
-pub fn parse_database_url(url: &str) -> std::result::Result<tokio_postgres::Config, String> {
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
-    if config.get_user().is_none() {
-        let user = std::env::var("PGUSER")
-            .or_else(|_| std::env::var("USER"))
-            .unwrap_or_else(|_| "postgres".into());
-        config.user(&user);
-    }
-    if config.get_hosts().is_empty() {
-        config.host("localhost");
-    }
-    if config.get_application_name().is_none() {
-        config.application_name("pgstore");
-    }
-    Ok(config)
+/// Parses a libpq-style URL or key=value connection string (with TLS options, see
+/// [`Target::parse`]).
+pub fn parse_database_url(url: &str) -> std::result::Result<Target, String> {
+    Target::parse(url)
 }
 
 /// A NOTIFY channel name: a plain SQL identifier (letters, digits, `_`; not starting with a
@@ -704,6 +929,51 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        for (url, want) in [
+            (
+                "postgres://app:s3cret@db:5432/x?sslmode=require",
+                "postgres://app:***@db:5432/x?sslmode=require",
+            ),
+            ("postgres://app@db/x", "postgres://app@db/x"),
+            (
+                "host=db password=s3cret user=app",
+                "host=db password=*** user=app",
+            ),
+            (
+                "host=db password='s3 cr\\'et' user=app",
+                "host=db password=*** user=app",
+            ),
+            ("postgres://db/x?password=s3cret&a=b", "postgres://db/x?password=***&a=b"),
+        ] {
+            assert_eq!(redact_url(url), want);
+        }
+        let c = Config {
+            database_url: Some("postgres://app:s3cret@db/x".into()),
+            replica_urls: vec!["host=r password=s3cret".into()],
+            auth: AuthSection {
+                tokens: vec!["token-s3cret-0123456789".into()],
+                read_tokens: vec![],
+            },
+            ..Config::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn listen_takes_host_names() {
+        let mut c = Config {
+            listen: "localhost:50051".into(),
+            ..Config::default()
+        };
+        assert_eq!(c.listen_addr().unwrap().port(), 50051);
+        c.listen = "50051".into();
+        let e = c.listen_addr().unwrap_err().to_string();
+        assert!(e.contains("host:port"), "{e}");
     }
 
     #[test]

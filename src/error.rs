@@ -78,11 +78,45 @@ pub enum Error {
     #[error("database unavailable: {0}")]
     Unavailable(String),
 
-    /// The connection was lost while committing: the append may or may not have been stored.
+    /// The connection was lost (or the commit timed out) after COMMIT was sent: the append may or
+    /// may not have been stored.
     #[error(
-        "connection lost while committing; the append may have been stored: retry with the same event ids or idempotency key"
+        "commit outcome unknown ({0}); the append may have been stored: retry with the same event ids or idempotency key"
     )]
-    CommitOutcomeUnknown,
+    CommitOutcomeUnknown(String),
+
+    /// A transaction lost a race inside PostgreSQL (serialization failure, deadlock): retry.
+    #[error("transaction conflict, retry: {0}")]
+    Conflict(String),
+
+    /// An operation ran out of time (`database.statement_timeout`, `server.request_timeout`).
+    #[error("timed out: {0}")]
+    Timeout(String),
+
+    /// A configured limit was reached; the message names the setting.
+    #[error("{message} (limit {setting} = {limit})")]
+    LimitReached {
+        /// The setting that bounds it.
+        setting: &'static str,
+        /// Its value.
+        limit: String,
+        /// What happened.
+        message: String,
+    },
+
+    /// A checkpoint beyond the head of the log.
+    #[error(
+        "checkpoint {sequence} of consumer {consumer_id:?} is beyond the head of the log ({head}): resuming from it would skip the events written up to it"
+    )]
+    CheckpointAhead {
+        consumer_id: String,
+        sequence: u64,
+        head: u64,
+    },
+
+    /// The caller's token does not allow the operation.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 
     /// The server is shutting down.
     #[error("server is shutting down")]
@@ -91,6 +125,21 @@ pub enum Error {
     /// A bug or an unexpected database error.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// An error and its sources, on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !out.ends_with(&next) {
+            out.push_str(": ");
+            out.push_str(&next);
+        }
+        source = s.source();
+    }
+    out
 }
 
 impl Error {
@@ -122,7 +171,12 @@ impl Error {
             Error::IdempotencyKeyConflict { .. } => "IDEMPOTENCY_KEY_CONFLICT",
             Error::SnapshotAhead { .. } => "SNAPSHOT_AHEAD_OF_STREAM",
             Error::Unavailable(_) => "DATABASE_UNAVAILABLE",
-            Error::CommitOutcomeUnknown => "COMMIT_OUTCOME_UNKNOWN",
+            Error::CommitOutcomeUnknown(_) => "COMMIT_OUTCOME_UNKNOWN",
+            Error::Conflict(_) => "TRANSACTION_CONFLICT",
+            Error::Timeout(_) => "TIMEOUT",
+            Error::LimitReached { .. } => "LIMIT_REACHED",
+            Error::CheckpointAhead { .. } => "CHECKPOINT_AHEAD_OF_LOG",
+            Error::PermissionDenied(_) => "PERMISSION_DENIED",
             Error::ShuttingDown => "SHUTTING_DOWN",
             Error::Internal(_) => "INTERNAL",
         }
@@ -210,7 +264,26 @@ impl From<Error> for Status {
                 ]),
             ),
             Error::Unavailable(_) | Error::ShuttingDown => (Code::Unavailable, info(vec![])),
-            Error::CommitOutcomeUnknown => (Code::Unavailable, info(vec![])),
+            Error::CommitOutcomeUnknown(_) => (Code::Unavailable, info(vec![])),
+            Error::Conflict(_) => (Code::Aborted, info(vec![])),
+            Error::Timeout(_) => (Code::DeadlineExceeded, info(vec![])),
+            Error::LimitReached { setting, limit, .. } => (
+                Code::ResourceExhausted,
+                info(vec![("setting", setting.to_string()), ("limit", limit.clone())]),
+            ),
+            Error::CheckpointAhead {
+                consumer_id,
+                sequence,
+                head,
+            } => (
+                Code::FailedPrecondition,
+                info(vec![
+                    ("consumer_id", consumer_id.clone()),
+                    ("sequence", sequence.to_string()),
+                    ("head", head.to_string()),
+                ]),
+            ),
+            Error::PermissionDenied(_) => (Code::PermissionDenied, info(vec![])),
             Error::Internal(_) => (Code::Internal, info(vec![])),
         };
         Status::with_error_details(code, message, details)

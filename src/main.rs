@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, path::PathBuf};
 
 use clap::{Parser, Subcommand};
-use pgstore::config::{Config, Overrides, parse_database_url};
+use pgstore::config::{Config, Overrides, parse_database_url, redact_url};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -24,9 +24,13 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
         /// The primary's connection string (postgres://user@host:port/db or key=value). Without
-        /// it, pgstore runs a local PostgreSQL cluster in --data-dir.
+        /// it, pgstore runs a local PostgreSQL cluster in --data-dir. A password here is visible
+        /// in the process list: prefer PGSTORE_DATABASE_URL, --database-url-file or PGPASSWORD.
         #[arg(long, value_name = "URL")]
         database_url: Option<String>,
+        /// A file whose first line is the primary's connection string.
+        #[arg(long, value_name = "FILE")]
+        database_url_file: Option<PathBuf>,
         /// A read replica's connection string (repeatable).
         #[arg(long = "replica-url", value_name = "URL")]
         replica_urls: Vec<String>,
@@ -41,7 +45,15 @@ enum Command {
     Migrate {
         /// The primary's connection string.
         #[arg(long, env = "PGSTORE_DATABASE_URL", value_name = "URL")]
-        database_url: String,
+        database_url: Option<String>,
+        /// A file whose first line is the primary's connection string.
+        #[arg(
+            long,
+            env = "PGSTORE_DATABASE_URL_FILE",
+            value_name = "FILE",
+            conflicts_with = "database_url"
+        )]
+        database_url_file: Option<PathBuf>,
     },
 }
 
@@ -89,32 +101,63 @@ async fn run(cli: Cli) -> Result<(), pgstore::Error> {
             config,
             listen,
             database_url,
+            database_url_file,
             replica_urls,
             data_dir,
             metrics_listen,
         } => {
+            let password_on_command_line = database_url
+                .as_deref()
+                .is_some_and(|u| redact_url(u) != u);
             let overrides = Overrides {
                 listen,
                 database_url,
+                database_url_file,
                 replica_urls,
                 data_dir,
                 metrics_listen,
             };
             let config = Config::load(config.as_deref(), overrides)?;
             init_tracing(&config.log.format, &config.log.level);
+            if password_on_command_line {
+                tracing::warn!(
+                    "--database-url holds a password, which every local user can read in the \
+                     process list: pass it with PGSTORE_DATABASE_URL, --database-url-file or \
+                     PGPASSWORD instead"
+                );
+            }
             let addr = config.listen_addr()?;
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 pgstore::Error::invalid("listen", format!("cannot bind {addr}: {e}"))
             })?;
             pgstore::server::run(listener, config, shutdown_signal()).await
         }
-        Command::Migrate { database_url } => {
+        Command::Migrate {
+            database_url,
+            database_url_file,
+        } => {
             init_tracing("human", "info");
+            let database_url = match (database_url, database_url_file) {
+                (Some(u), _) => u,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .map_err(|e| {
+                        pgstore::Error::invalid("database_url_file", format!("{}: {e}", f.display()))
+                    })?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+                (None, None) => {
+                    return Err(pgstore::Error::invalid(
+                        "database_url",
+                        "give --database-url, --database-url-file or PGSTORE_DATABASE_URL",
+                    ));
+                }
+            };
             let config = parse_database_url(&database_url)
                 .map_err(|e| pgstore::Error::invalid("database_url", e))?;
-            let mut conn = pgstore::store::db::connect(&config)
-                .await
-                .map_err(pgstore::store::db::db_err)?;
+            let mut conn = pgstore::store::db::connect(&config).await?;
             let applied = pgstore::store::migrate::migrate(&mut conn.client).await?;
             println!("applied {applied} migration(s)");
             Ok(())

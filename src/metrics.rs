@@ -28,6 +28,10 @@ pub struct Metrics {
     pub append_rereads: AtomicU64,
     /// Batches sent while others were still in flight on the writer's connection.
     pub batches_pipelined: AtomicU64,
+    /// Batches not committed within `writer.commit_timeout` (outcome unknown).
+    pub commit_timeouts: AtomicU64,
+    /// Calls refused because a limit was reached (subscriber slots, slow subscribers cut off).
+    pub limit_rejections: AtomicU64,
     /// Idempotency keys deleted after their retention.
     pub idempotency_keys_pruned: AtomicU64,
     /// Whether the LISTEN connection is up (0/1).
@@ -101,7 +105,19 @@ impl Metrics {
     pub fn render(&self) -> String {
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed) as i64;
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, i64); 19] = [
+        let rows: [(&str, &str, &str, i64); 21] = [
+            (
+                "pgstore_commit_timeouts_total",
+                "counter",
+                "Append batches not committed within writer.commit_timeout (outcome unknown).",
+                c(&self.commit_timeouts),
+            ),
+            (
+                "pgstore_limit_rejections_total",
+                "counter",
+                "Calls refused or cut off because a configured limit was reached.",
+                c(&self.limit_rejections),
+            ),
             (
                 "pgstore_replica_reads_total",
                 "counter",

@@ -4,12 +4,13 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use http::{HeaderValue, Response};
+use tokio_stream::StreamExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::config::{Config, parse_database_url};
+use crate::config::Config;
 use crate::embedded::Embedded;
 use crate::error::{Error, Result};
 use crate::grpc::EventStoreService;
@@ -20,7 +21,7 @@ use crate::live::{
 };
 use crate::metrics::Metrics;
 use crate::proto::{self, event_store_server::EventStoreServer};
-use crate::store::{Store, StoreConfig};
+use crate::store::{Store, StoreConfig, target::Target};
 
 /// The service name health reports for the event store.
 pub const SERVICE_NAME: &str = "pgstore.v1.EventStore";
@@ -30,6 +31,11 @@ pub const LISTENER_SERVICE: &str = "pgstore.listener";
 /// Serves pgstore on `listener` until `shutdown` completes, then stops accepting calls, lets
 /// in-flight calls finish (for at most the configured grace period), commits the appends already
 /// queued, and returns.
+///
+/// The port answers at once: health reports NOT_SERVING and EventStore calls get UNAVAILABLE
+/// (naming the database and the cause) until the database is reachable. A writer or listener
+/// task that dies is fatal: health turns NOT_SERVING, the server shuts down and `run` returns an
+/// error (the process exits non-zero, so that its supervisor restarts it).
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -59,28 +65,67 @@ async fn serve(
     embedded: Option<&Embedded>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let mut primary = match (&config.database_url, embedded) {
-        (Some(url), _) => parse_database_url(url).map_err(|e| Error::invalid("database_url", e))?,
-        (None, Some(e)) => e.cluster.config("postgres"),
+    let primary = match (config.primary_target()?, embedded) {
+        (Some(t), _) => t,
+        (None, Some(e)) => {
+            let mut t = Target::plain(e.cluster.config("postgres"));
+            t.apply(&config.socket_settings());
+            t
+        }
         (None, None) => return Err(Error::Internal("no database".into())),
     };
-    primary.connect_timeout(config.database.connect_timeout);
+    let metrics = Arc::new(Metrics::default());
+    tokio::pin!(shutdown);
+
+    // The port first: health answers (NOT_SERVING) while the database is still out of reach.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let gate = Gate::<EventStoreServer<EventStoreService>>::new(format!(
+        "connecting to the database at {}",
+        primary.name
+    ));
+    let stop_serving = CancellationToken::new();
+    let local = listener.local_addr().ok();
+    let server = grpc_server(
+        config,
+        listener,
+        health_service,
+        gate.clone(),
+        stop_serving.clone(),
+    )?;
+    let mut server = std::pin::pin!(server);
+    tracing::info!(listen = ?local, database = %primary.name, "pgstore listening; opening the store");
 
     let writer_stop = CancellationToken::new();
     let store_config = StoreConfig {
-        primary,
+        primary: primary.clone(),
         pool_size: config.database.pool_size,
         pool_wait: config.database.connect_timeout,
         events_channel: config.database.events_channel.clone(),
         writer: config.writer_config(),
-        replicas: config.replica_configs()?,
+        replicas: config.replica_targets()?,
         replica: config.replica_config(),
     };
-    let metrics = Arc::new(Metrics::default());
-    tokio::pin!(shutdown);
-    let (store, writer) = tokio::select! {
-        r = open_store(store_config.clone(), metrics.clone(), writer_stop.clone()) => r?,
+    let opened = tokio::select! {
+        r = open_store(
+            store_config.clone(),
+            config.database.startup_permanent_failures,
+            metrics.clone(),
+            writer_stop.clone(),
+            &gate,
+        ) => r,
+        r = &mut server => {
+            return r.map_err(|e| Error::Internal(format!("server: {e}")));
+        }
         _ = &mut shutdown => return Ok(()),
+    };
+    let (store, mut writer) = match opened {
+        Ok(pair) => pair,
+        Err(e) => {
+            stop_serving.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+            return Err(e);
+        }
     };
     let stop_background = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();
@@ -117,11 +162,12 @@ async fn serve(
         config.live.poll_interval,
         stop_background.clone(),
     ));
-    background.spawn(listener::run(
+    let mut listener_task = tokio::spawn(listener::run(
         ListenerConfig {
             primary: store_config.primary.clone(),
             events_channel: config.database.events_channel.clone(),
             changes_channel: config.database.changes_channel.clone(),
+            locks_channel: config.database.locks_channel.clone(),
         },
         hub.clone(),
         stop_background.clone(),
@@ -157,21 +203,86 @@ async fn serve(
         hub: hub.clone(),
         config: config.live_config(),
         shutdown: streams_stop.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_subscribers)),
+        max_subscribers: config.server.max_subscribers,
     };
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_serving::<EventStoreServer<EventStoreService>>()
-        .await;
     background.spawn(watch_health(
-        store.clone(),
+        HealthProbe::new(primary.clone()),
         hub.clone(),
         health.clone(),
         config.server.health_interval,
         stop_background.clone(),
     ));
 
+    let max_message = config.limits.max_append_bytes.saturating_mul(2);
+    let service = EventStoreServer::new(EventStoreService::new(
+        store.clone(),
+        config.limits.clone(),
+        live,
+        config.database.changes_channel.clone(),
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(usize::MAX);
+    gate.open(service);
+    tracing::info!(listen = ?local, "pgstore serving");
+
+    let fatal = tokio::select! {
+        r = &mut server => {
+            let _ = r.map_err(|e| tracing::error!(error = %e, "server stopped"));
+            None
+        }
+        _ = &mut shutdown => None,
+        r = &mut writer => Some(task_ended("writer", r)),
+        r = &mut listener_task => Some(task_ended("listener", r)),
+        Some(Err(e)) = background.join_next() => Some(task_ended("background", Err(e))),
+    };
+    if let Some(why) = &fatal {
+        tracing::error!(error = %why, "a task pgstore cannot run without died; shutting down");
+    }
+    tracing::info!("shutting down: finishing in-flight calls");
+    set_health(&health, ServingStatus::NotServing).await;
+    // Streams never finish by themselves: end them (UNAVAILABLE) so the drain can.
+    streams_stop.cancel();
+    stop_serving.cancel();
+    let grace = config.server.shutdown_grace;
+    if tokio::time::timeout(grace, &mut server).await.is_err() {
+        tracing::warn!("grace period over: cutting off remaining calls");
+    }
+    stop_background.cancel();
+    writer_stop.cancel();
+    // The writer commits what is queued; a frozen database must not hold shutdown: each batch is
+    // bounded by writer.commit_timeout, and all of it by the grace period.
+    let finish = async {
+        if !writer.is_finished() {
+            let _ = (&mut writer).await;
+        }
+        let _ = (&mut listener_task).await;
+        while background.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(grace, finish).await.is_err() {
+        tracing::warn!("background tasks did not stop within the grace period: aborting them");
+        writer.abort();
+        listener_task.abort();
+        background.abort_all();
+    }
+    tracing::info!("pgstore stopped");
+    match fatal {
+        Some(why) => Err(Error::Internal(why)),
+        None => Ok(()),
+    }
+}
+
+/// The gRPC server: health, reflection and the event store (behind `gate`), with TLS, limits,
+/// keepalives, authentication and the request deadline; it runs until `stop`.
+fn grpc_server(
+    config: &Config,
+    listener: TcpListener,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    gate: Gate<EventStoreServer<EventStoreService>>,
+    stop: CancellationToken,
+) -> Result<impl Future<Output = std::result::Result<(), tonic::transport::Error>>> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -185,23 +296,13 @@ async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-
-    let max_message = config.limits.max_append_bytes.saturating_mul(2);
-    let service = EventStoreServer::new(EventStoreService::new(
-        store.clone(),
-        config.limits.clone(),
-        live,
-        config.database.changes_channel.clone(),
-    ))
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(usize::MAX);
-
-    let local = listener.local_addr().ok();
-    let incoming = tokio_stream::StreamExt::map(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        |conn| conn.map(crate::transport::Coalesced::new),
-    );
-    let stop_serving = CancellationToken::new();
+    let s = &config.server;
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(s.keepalive_interval))
+        .with_keepalive_interval(Some(s.keepalive_interval))
+        .with_keepalive_retries(Some(3))
+        .map(|conn| conn.map(crate::transport::Coalesced::new));
     let tokens = crate::grpc::auth::Tokens::from_config(&config.auth);
     if tokens.is_some() {
         tracing::info!("bearer-token authentication on");
@@ -213,61 +314,98 @@ async fn serve(
             "TLS on the gRPC port"
         );
     }
-    let server = builder
+    let router = builder
+        .max_concurrent_streams(s.max_concurrent_streams)
+        .http2_keepalive_interval(Some(s.keepalive_interval))
+        .http2_keepalive_timeout(Some(s.keepalive_timeout))
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))
         .layer(crate::grpc::auth::AuthLayer(tokens))
+        .layer(crate::grpc::deadline::DeadlineLayer::new(s.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
-    tracing::info!(listen = ?local, "pgstore serving");
-    tokio::pin!(server);
-    let served = tokio::select! {
-        r = &mut server => r,
-        _ = &mut shutdown => {
-            tracing::info!("shutting down: finishing in-flight calls");
-            health.set_service_status("", ServingStatus::NotServing).await;
-            health.set_not_serving::<EventStoreServer<EventStoreService>>().await;
-            // Streams never finish by themselves: end them (UNAVAILABLE) so the drain can.
-            streams_stop.cancel();
-            stop_serving.cancel();
-            match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!("grace period over: cutting off remaining calls");
-                    Ok(())
-                }
-            }
-        }
-    };
-    streams_stop.cancel();
-    stop_background.cancel();
-    writer_stop.cancel();
-    let _ = writer.await;
-    while background.join_next().await.is_some() {}
-    tracing::info!("pgstore stopped");
-    served.map_err(|e| Error::Internal(format!("server: {e}")))
+        .add_service(gate);
+    Ok(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()))
 }
 
-/// Opens the store, waiting for the database to come up (a sidecar often starts first).
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// What a task's end means when nothing asked it to stop.
+fn task_ended(name: &str, r: std::result::Result<(), tokio::task::JoinError>) -> String {
+    match r {
+        Ok(()) => format!("the {name} task stopped unexpectedly"),
+        Err(e) if e.is_panic() => {
+            let p = e.into_panic();
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            format!("the {name} task panicked: {msg}")
+        }
+        Err(e) => format!("the {name} task was cancelled: {e}"),
+    }
+}
+
+/// Opens the store, waiting for the database to come up (a sidecar often starts first). Every
+/// failed attempt is logged with the server and the cause; a cause that waiting will not change
+/// (authentication, a missing database, TLS verification) ends startup after `permanent_limit`
+/// attempts in a row.
 async fn open_store(
     config: StoreConfig,
+    permanent_limit: u32,
     metrics: Arc<Metrics>,
     writer_stop: CancellationToken,
+    gate: &Gate<EventStoreServer<EventStoreService>>,
 ) -> Result<(Store, tokio::task::JoinHandle<()>)> {
     let mut delay = Duration::from_millis(200);
+    let mut permanent = 0;
+    let mut attempt = 0u32;
     loop {
-        match Store::open(config.clone(), metrics.clone(), writer_stop.clone()).await {
-            Err(Error::Unavailable(why)) => {
-                tracing::warn!(error = %why, retry_in = ?delay, "database not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+        attempt += 1;
+        let why = match config.primary.connect().await {
+            Err(e) => {
+                if e.cause.is_permanent() {
+                    permanent += 1;
+                    if permanent >= permanent_limit {
+                        tracing::error!(
+                            server = %e.server, cause = ?e.cause, error = %e.detail, attempt,
+                            "giving up: this will not change without a change of configuration"
+                        );
+                        return Err(Error::Unavailable(e.to_string()));
+                    }
+                } else {
+                    permanent = 0;
+                }
+                tracing::warn!(
+                    server = %e.server, cause = ?e.cause, error = %e.detail, attempt, retry_in = ?delay,
+                    "database not reachable"
+                );
+                e.to_string()
             }
-            other => return other,
-        }
+            Ok((client, connection)) => {
+                drop(client);
+                drop(connection);
+                match Store::open(config.clone(), metrics.clone(), writer_stop.clone()).await {
+                    Err(Error::Unavailable(why)) => {
+                        tracing::warn!(
+                            server = %config.primary.name, error = %why, attempt, retry_in = ?delay,
+                            "opening the store failed"
+                        );
+                        why
+                    }
+                    other => return other,
+                }
+            }
+        };
+        gate.set_reason(format!("database not reachable yet: {why}"));
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -305,22 +443,63 @@ async fn prune_idempotency_keys(
     }
 }
 
+/// The health check's own connection to the primary (not from the request pool: a saturated
+/// pool must not read as a dead database).
+pub struct HealthProbe {
+    target: Target,
+    conn: Option<tokio_postgres::Client>,
+}
+
+impl HealthProbe {
+    /// A probe of `target`; it connects on first use.
+    pub fn new(target: Target) -> HealthProbe {
+        let mut target = target;
+        target.config.application_name("pgstore-health");
+        HealthProbe { target, conn: None }
+    }
+
+    /// Whether the primary answers `SELECT 1` within `limit` (connecting first if needed). A
+    /// failed or late probe drops the connection.
+    pub async fn check(&mut self, limit: Duration) -> std::result::Result<(), String> {
+        let probe = async {
+            if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+                let (client, connection) = self.target.connect().await.map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                self.conn = Some(client);
+            }
+            let client = self.conn.as_ref().expect("connected above");
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(|e| crate::error::chain(&e))
+        };
+        let r = match tokio::time::timeout(limit, probe).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("{} did not answer within {limit:?}", self.target.name)),
+        };
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+}
+
 /// Probes the primary and reports SERVING / NOT_SERVING for the server and the event store;
 /// reports the LISTEN connection's state as the service `pgstore.listener`.
 async fn watch_health(
-    store: Store,
+    mut probe: HealthProbe,
     hub: Arc<Hub>,
     health: tonic_health::server::HealthReporter,
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut serving = true;
+    let mut serving = None;
     let mut listener_up = None;
+    let limit = every.max(Duration::from_secs(1));
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
         let up = hub.is_connected();
         if listener_up != Some(up) {
             listener_up = Some(up);
@@ -331,20 +510,105 @@ async fn watch_health(
             };
             health.set_service_status(LISTENER_SERVICE, status).await;
         }
-        let ok = tokio::time::timeout(every.max(Duration::from_secs(1)), store.ping())
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if ok != serving {
-            serving = ok;
-            let status = if ok {
-                tracing::info!("primary reachable again: SERVING");
-                ServingStatus::Serving
+        let checked = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = probe.check(limit) => r,
+        };
+        let ok = checked.is_ok();
+        if serving != Some(ok) {
+            if ok {
+                if serving.is_some() {
+                    tracing::info!("primary reachable again: SERVING");
+                }
+                set_health(&health, ServingStatus::Serving).await;
             } else {
-                tracing::warn!("primary unreachable: NOT_SERVING");
-                ServingStatus::NotServing
-            };
-            health.set_service_status("", status).await;
-            health.set_service_status(SERVICE_NAME, status).await;
+                tracing::warn!(error = %checked.unwrap_err(), "primary unreachable: NOT_SERVING");
+                set_health(&health, ServingStatus::NotServing).await;
+            }
+            serving = Some(ok);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// The event store behind a gate: until the store is open, calls are answered UNAVAILABLE with
+/// the reason (health and reflection, served beside it, answer from the start).
+pub struct Gate<S> {
+    inner: Arc<std::sync::OnceLock<S>>,
+    reason: Arc<std::sync::Mutex<String>>,
+}
+
+impl<S> Clone for Gate<S> {
+    fn clone(&self) -> Self {
+        Gate {
+            inner: self.inner.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+impl<S> Gate<S> {
+    /// A closed gate; calls get UNAVAILABLE with `reason`.
+    pub fn new(reason: String) -> Gate<S> {
+        Gate {
+            inner: Arc::new(std::sync::OnceLock::new()),
+            reason: Arc::new(std::sync::Mutex::new(reason)),
+        }
+    }
+
+    /// Why calls are refused now.
+    pub fn set_reason(&self, reason: String) {
+        *self.reason.lock().expect("gate reason") = reason;
+    }
+
+    /// Lets calls through to `service` from now on.
+    pub fn open(&self, service: S) {
+        let _ = self.inner.set(service);
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Gate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Gate<S>
+where
+    S: tower::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::BoxFuture<
+        'static,
+        std::result::Result<Self::Response, Self::Error>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match self.inner.get() {
+            Some(s) => Box::pin(tower::ServiceExt::oneshot(s.clone(), req)),
+            None => {
+                let why = self.reason.lock().expect("gate reason").clone();
+                Box::pin(std::future::ready(Ok(
+                    tonic::Status::unavailable(why).into_http()
+                )))
+            }
         }
     }
 }

@@ -334,7 +334,7 @@ async fn json_payloads_are_queryable_in_sql() {
     .await
     .unwrap();
     let config = pgstore::config::parse_database_url(&url).unwrap();
-    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let (client, conn) = config.connect().await.unwrap();
     tokio::spawn(conn);
     let row = client
         .query_one(

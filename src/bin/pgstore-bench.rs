@@ -12,7 +12,6 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use pgstore::proto::{self, event_store_client::EventStoreClient};
-use tokio_postgres::NoTls;
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 #[derive(Parser)]
@@ -278,7 +277,7 @@ fn print_row(label: &str, s: &Stats, events_per_op: usize) {
 
 async fn raw_client(url: &str) -> tokio_postgres::Client {
     let config = pgstore::config::parse_database_url(url).expect("database url");
-    let (client, conn) = config.connect(NoTls).await.expect("connect");
+    let (client, conn) = config.connect().await.expect("connect");
     tokio::spawn(conn);
     client
 }

@@ -22,7 +22,8 @@ use crate::config::AuthSection;
 /// The service whose calls need a token.
 const GUARDED_SERVICE: &str = "/pgstore.v1.EventStore/";
 
-/// Methods a read-only token may call: they change nothing but consumer-group leases.
+/// Methods a read-only token may call: they change nothing (Subscribe with a consumer group is
+/// refused by the handler, see [`ReadOnly`]).
 const READ_METHODS: &[&str] = &[
     "Load",
     "ReadFrom",
@@ -33,6 +34,25 @@ const READ_METHODS: &[&str] = &[
     "GetStream",
     "WatchChanges",
 ];
+
+/// Marks a call made with a read-only token (a request extension), for the handlers whose
+/// permission depends on the request's content (Subscribe with a consumer group).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOnly;
+
+/// Whether the call was made with a read-only token.
+pub fn is_read_only(extensions: &http::Extensions) -> bool {
+    extensions.get::<ReadOnly>().is_some()
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Every method.
+    Full,
+    /// Methods that read (and Subscribe without a group).
+    Read,
+}
 
 /// The configured tokens.
 #[derive(Debug)]
@@ -54,10 +74,10 @@ impl Tokens {
         }))
     }
 
-    /// Whether a call to `path` with these headers may proceed.
-    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<(), Status> {
+    /// Whether a call to `path` with these headers may proceed, and with which access.
+    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<Access, Status> {
         let Some(method) = path.strip_prefix(GUARDED_SERVICE) else {
-            return Ok(());
+            return Ok(Access::Full);
         };
         let token = headers
             .get(http::header::AUTHORIZATION)
@@ -70,11 +90,11 @@ impl Tokens {
                 )
             })?;
         if any_equal(&self.full, token.as_bytes()) {
-            return Ok(());
+            return Ok(Access::Full);
         }
         if any_equal(&self.read, token.as_bytes()) {
             return if READ_METHODS.contains(&method) {
-                Ok(())
+                Ok(Access::Read)
             } else {
                 Err(Status::permission_denied(format!(
                     "this token may only read; {method} writes"
@@ -133,11 +153,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(tokens) = &self.tokens
-            && let Err(status) = tokens.check(req.uri().path(), req.headers())
-        {
-            return Either::Left(ready(Ok(status.into_http())));
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(tokens) = &self.tokens {
+            match tokens.check(req.uri().path(), req.headers()) {
+                Err(status) => return Either::Left(ready(Ok(status.into_http()))),
+                Ok(Access::Read) => {
+                    req.extensions_mut().insert(ReadOnly);
+                }
+                Ok(Access::Full) => {}
+            }
         }
         Either::Right(self.inner.call(req))
     }
@@ -167,7 +191,15 @@ mod tests {
         let t = tokens();
         let append = "/pgstore.v1.EventStore/Append";
         let load = "/pgstore.v1.EventStore/Load";
-        let code = |r: Result<(), Status>| r.err().map(|s| s.code());
+        let code = |r: Result<Access, Status>| r.err().map(|s| s.code());
+        assert_eq!(
+            t.check(load, &headers(Some("Bearer reader-secret"))).unwrap(),
+            Access::Read
+        );
+        assert_eq!(
+            t.check(load, &headers(Some("Bearer writer-secret"))).unwrap(),
+            Access::Full
+        );
         assert_eq!(
             code(t.check(append, &headers(Some("Bearer writer-secret")))),
             None

@@ -2,6 +2,7 @@
 //! results. Domain errors become `tonic::Status` in one place ([`crate::error`]).
 
 pub mod auth;
+pub mod deadline;
 pub mod validate;
 
 use std::{
@@ -17,9 +18,10 @@ use crate::config::Limits;
 use crate::error::Error;
 use crate::live::{
     Change, locks,
-    subscribe::{self, LiveContext, Subscription},
+    subscribe::{self, Budget, LiveContext, Subscription},
     watch,
 };
+use crate::wire::EncodedEvent;
 use crate::metrics::Metrics;
 use crate::proto::{self, event_store_server::EventStore};
 use crate::store::{Store, StreamState, checkpoints, db, lifecycle, read, snapshots};
@@ -44,35 +46,85 @@ pub struct EventStoreService {
 /// The largest NOTIFY payload PostgreSQL accepts is 7999 bytes.
 pub const MAX_NOTIFY_BYTES: usize = 7999;
 
-/// A server stream fed by a task through a bounded channel; counts what waits in the channel
-/// (the subscriber buffer gauge) and settles the count when the client goes away.
-pub struct BufferedStream<T> {
-    rx: mpsc::Receiver<Result<Box<T>, Box<Status>>>,
+/// A subscriber's server stream, fed by its task through a bounded channel: counts what waits
+/// in the channel (messages for the buffer gauge, bytes for the subscriber's budget), and
+/// reports a cut-off (slow subscriber) before anything still queued.
+pub struct BufferedStream {
+    rx: mpsc::Receiver<subscribe::Item>,
     metrics: Arc<Metrics>,
+    budget: Arc<Budget>,
+    done: bool,
 }
 
-impl<T> Stream for BufferedStream<T> {
-    type Item = Result<T, Status>;
+impl BufferedStream {
+    fn drain(&mut self) {
+        self.rx.close();
+        while let Ok(item) = self.rx.try_recv() {
+            self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(frame) = item {
+                use prost::Message as _;
+                self.budget.took(frame.encoded_len());
+            }
+        }
+    }
+}
+
+impl Stream for BufferedStream {
+    type Item = Result<Frame, Status>;
 
     fn poll_next(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        let polled = self.rx.poll_recv(cx);
-        if let std::task::Poll::Ready(Some(_)) = &polled {
-            self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
         }
-        polled.map(|item| item.map(|r| r.map(|b| *b).map_err(|s| *s)))
+        if let Some(status) = self.budget.take_cut() {
+            self.done = true;
+            self.drain();
+            return Poll::Ready(Some(Err(status)));
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+                Poll::Ready(Some(match item {
+                    Ok(frame) => {
+                        use prost::Message as _;
+                        self.budget.took(frame.encoded_len());
+                        Ok(*frame)
+                    }
+                    Err(s) => Err(*s),
+                }))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(self.budget.take_cut().map(Err))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
-impl<T> Drop for BufferedStream<T> {
+impl Drop for BufferedStream {
     fn drop(&mut self) {
-        self.rx.close();
-        while self.rx.try_recv().is_ok() {
-            self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+        self.drain();
+    }
+}
+
+/// Cuts a page so that its encoded events stay within `limit` bytes, keeping at least one
+/// event; returns the index of the first event left out, if any.
+pub fn cap_page(events: &mut Vec<EncodedEvent>, limit: usize) -> Option<usize> {
+    let mut total = 0usize;
+    for (i, e) in events.iter().enumerate() {
+        // The field key and length prefix of each event in the repeated field.
+        total += e.bytes.len() + 6;
+        if total > limit && i > 0 {
+            events.truncate(i);
+            return Some(i);
         }
     }
+    None
 }
 
 impl EventStoreService {
@@ -184,18 +236,28 @@ impl EventStore for EventStoreService {
             event_types: r.event_types,
             backwards: r.backwards,
         };
-        let page = self.store.router().read(r.min_sequence, &q).await?;
+        let mut page = self.store.router().read(r.min_sequence, &q).await?;
         if !page.found {
             return Err(Error::StreamNotFound {
                 stream_id: q.stream_id,
             }
             .into());
         }
+        // Past the byte cap the page stops early: the client continues from the first event
+        // left out (forwards or backwards alike).
+        let mut next_version = page.next_version;
+        let first_left = page.events.get(1).map(|_| ()).and_then(|_| {
+            let versions: Vec<u64> = page.events.iter().map(|e| e.version).collect();
+            cap_page(&mut page.events, self.limits.max_response_bytes).map(|i| versions[i])
+        });
+        if first_left.is_some() {
+            next_version = first_left;
+        }
         Ok(Response::new(Frame::load(
             &page.events,
             page.stream_version,
-            page.next_version.unwrap_or(0),
-            page.next_version.is_none(),
+            next_version.unwrap_or(0),
+            next_version.is_none(),
             state(page.state),
         )))
     }
@@ -219,10 +281,15 @@ impl EventStore for EventStoreService {
             stream_prefix: r.stream_prefix,
             partitions: None,
         };
-        let page = self.store.read_log_paging(r.min_sequence, &q).await?;
+        let mut page = self.store.read_log_paging(r.min_sequence, &q).await?;
+        let mut next_sequence = page.next_sequence;
+        if cap_page(&mut page.events, self.limits.max_response_bytes).is_some() {
+            // Continue right after the last event sent.
+            next_sequence = page.events.last().map_or(next_sequence, |e| e.seq + 1);
+        }
         Ok(Response::new(Frame::read_from(
             &page.events,
-            page.next_sequence,
+            next_sequence,
             page.head,
         )))
     }
@@ -246,12 +313,29 @@ impl EventStore for EventStoreService {
         if self.live.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown.into());
         }
-        let sub = self.subscription(req.into_inner()).await?;
+        let read_only = auth::is_read_only(req.extensions());
+        let r = req.into_inner();
+        if read_only && !r.group.is_empty() {
+            return Err(Error::PermissionDenied(
+                "a read-only token cannot join a consumer group (members write leases and checkpoints); use a full token".into(),
+            )
+            .into());
+        }
+        let slot = self.live.take_slot()?;
+        let sub = self.subscription(r).await?;
         let (tx, rx) = mpsc::channel(self.live.config.buffer);
-        tokio::spawn(subscribe::run(self.live.clone(), sub, tx));
+        let budget = Arc::new(Budget::default());
+        let live = self.live.clone();
+        let task_budget = budget.clone();
+        tokio::spawn(async move {
+            subscribe::run(live, sub, tx, task_budget).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(BufferedStream {
             rx,
             metrics: self.live.hub.metrics.clone(),
+            budget,
+            done: false,
         })))
     }
 
@@ -509,8 +593,13 @@ impl EventStore for EventStoreService {
         for p in &r.projections {
             validate::name("projections", p, self.limits.max_stream_id_bytes)?;
         }
+        let slot = self.live.take_slot()?;
         let (tx, rx) = mpsc::channel(self.live.config.buffer);
-        tokio::spawn(watch::run(self.live.clone(), r.projections, tx));
+        let live = self.live.clone();
+        tokio::spawn(async move {
+            watch::run(live, r.projections, tx).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -526,14 +615,14 @@ impl EventStore for EventStoreService {
         }
         let r = req.into_inner();
         validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        let slot = self.live.take_slot()?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(locks::run(
-            self.live.clone(),
-            self.live.config.locks.clone(),
-            r.stream_id,
-            r.try_only,
-            tx,
-        ));
+        let live = self.live.clone();
+        tokio::spawn(async move {
+            let config = live.config.locks.clone();
+            locks::run(live, config, r.stream_id, r.try_only, tx).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

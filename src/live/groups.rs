@@ -5,6 +5,12 @@
 //! member that vanishes without releasing (its pgstore instance died) loses its partitions when the
 //! leases time out. Each partition has its own checkpoint, stored as consumer
 //! `"{group}/{partition}"`; a member resumes a partition after that checkpoint (at-least-once).
+//!
+//! A member that cannot renew (its database is unreachable, a statement fails or hangs) stops
+//! delivering before its leases can expire: it publishes an empty ownership once less than
+//! [`safety_margin`] of the lease it last renewed is left, so another member that claims the
+//! partitions after expiry never delivers them at the same time. It rejoins when renewing works
+//! again, each partition from its checkpoint.
 
 use std::time::Duration;
 
@@ -80,38 +86,82 @@ pub async fn run_member(
     let _ = ready.send(Ok(count));
     let mut owned: Vec<u32> = Vec::new();
     let mut published = false;
+    let margin = safety_margin(&config);
+    // Leases taken in the join are none yet; from each successful round on, they are valid
+    // until the round's start plus the lease timeout (the database counts from later).
+    let mut valid_until = tokio::time::Instant::now();
     loop {
-        let under_share = match tick(&store, &config, &group, &member, token, count, &mut owned)
-            .await
-        {
-            Ok(under) => {
+        let started = tokio::time::Instant::now();
+        // A round may not outlive the leases it should renew.
+        let limit = config
+            .renew_interval
+            .min(valid_until.saturating_duration_since(started).max(margin));
+        let round = tokio::time::timeout(
+            limit,
+            tick(&store, &config, &group, &member, token, count, &mut owned),
+        );
+        let round = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = round => r,
+        };
+        let wait = match round {
+            Ok(Ok(under_share)) => {
+                valid_until = started + config.lease_timeout;
                 if !published || owned_tx.borrow().as_deref() != Some(&owned[..]) {
                     owned_tx.send_replace(Some(owned.clone()));
                     published = true;
                 }
-                under
+                // While under its share a member retries sooner, so a newcomer gets its
+                // partitions within about one renew interval of the others giving them up.
+                if under_share {
+                    config.renew_interval / 4
+                } else {
+                    config.renew_interval
+                }
             }
-            Err(e) => {
-                tracing::warn!(%group, %member, error = %e, "consumer group lease renewal failed");
-                false
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {limit:?}"),
+                };
+                tracing::warn!(%group, %member, error = %why, "consumer group lease renewal failed");
+                if tokio::time::Instant::now() + margin >= valid_until && !owned.is_empty() {
+                    tracing::warn!(%group, %member, "leases can no longer be guaranteed: delivering nothing until renewed");
+                    owned.clear();
+                    owned_tx.send_replace(Some(Vec::new()));
+                    published = true;
+                }
+                // Retry soon, but wake in time to stop before the leases run out.
+                (config.renew_interval / 4)
+                    .min(valid_until.saturating_duration_since(tokio::time::Instant::now() + margin))
+                    .max(Duration::from_millis(10))
             }
-        };
-        // While under its share a member retries sooner, so a newcomer gets its partitions
-        // within about one renew interval of the others giving them up.
-        let wait = if under_share {
-            config.renew_interval / 4
-        } else {
-            config.renew_interval
         };
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
         }
     }
-    if let Ok(conn) = db::get(store.pool()).await {
-        let _ = conn.client.execute(RELEASE_ALL, &[&group, &member]).await;
-        let _ = conn.client.execute(LEAVE, &[&group, &member, &token]).await;
-    }
+    let leave = async {
+        let conn = db::get(store.pool()).await?;
+        conn.client
+            .execute(RELEASE_ALL, &[&group, &member])
+            .await
+            .map_err(db_err)?;
+        conn.client
+            .execute(LEAVE, &[&group, &member, &token])
+            .await
+            .map_err(db_err)
+    };
+    // Leaving is a courtesy (the leases expire anyway): it must not hang a stopping member.
+    let _ = tokio::time::timeout(config.renew_interval, leave).await;
+}
+
+/// How much of a lease a member keeps in hand: it stops delivering once less than this is left
+/// of the lease it last renewed.
+pub fn safety_margin(config: &GroupConfig) -> Duration {
+    ((config.lease_timeout.saturating_sub(config.renew_interval)) / 2)
+        .max(config.lease_timeout / 10)
 }
 
 async fn join(

@@ -5,7 +5,7 @@
 
 use std::{future::poll_fn, sync::Arc, sync::atomic::Ordering, time::Duration};
 
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::{Change, Hub};
@@ -14,17 +14,19 @@ use super::{Change, Hub};
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     /// The primary.
-    pub primary: tokio_postgres::Config,
+    pub primary: crate::store::target::Target,
     /// Channel carrying log heads.
     pub events_channel: String,
     /// Channel carrying projection changes.
     pub changes_channel: String,
+    /// Channel carrying lock releases.
+    pub locks_channel: String,
 }
 
 /// Runs the listener until `stop` is cancelled.
 pub async fn run(mut config: ListenerConfig, hub: Arc<Hub>, stop: CancellationToken) {
     // Named so operators (and tests) can tell it apart in pg_stat_activity.
-    config.primary.application_name("pgstore-listener");
+    config.primary.config.application_name("pgstore-listener");
     let mut delay = Duration::from_millis(100);
     let mut first = true;
     loop {
@@ -38,7 +40,7 @@ pub async fn run(mut config: ListenerConfig, hub: Arc<Hub>, stop: CancellationTo
             Ok(false) => {}
             Err(e) => {
                 if first {
-                    tracing::warn!(error = %e, "LISTEN connection failed; retrying")
+                    tracing::warn!(error = %e, retry_in = ?delay, "LISTEN connection failed; retrying")
                 } else {
                     tracing::warn!(error = %e, retry_in = ?delay, "LISTEN connection lost; reconnecting")
                 }
@@ -62,13 +64,13 @@ async fn listen_once(
     config: &ListenerConfig,
     hub: &Hub,
     stop: &CancellationToken,
-) -> Result<bool, tokio_postgres::Error> {
-    let (client, mut connection) = config.primary.connect(NoTls).await?;
+) -> Result<bool, String> {
+    let (client, mut connection) = config.primary.connect().await.map_err(|e| e.to_string())?;
     let setup = async {
         client
             .batch_execute(&format!(
-                "LISTEN \"{}\"; LISTEN \"{}\"",
-                config.events_channel, config.changes_channel
+                "LISTEN \"{}\"; LISTEN \"{}\"; LISTEN \"{}\"",
+                config.events_channel, config.changes_channel, config.locks_channel
             ))
             .await?;
         let row = client
@@ -80,10 +82,10 @@ async fn listen_once(
     // Drive the connection while the setup runs; notifications may already arrive.
     let head = loop {
         tokio::select! {
-            r = &mut setup => break r?,
+            r = &mut setup => break r.map_err(|e| crate::error::chain(&e))?,
             m = poll_fn(|cx| connection.poll_message(cx)) => match m {
                 Some(Ok(msg)) => handle(config, hub, msg),
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(crate::error::chain(&e)),
                 None => return Ok(false),
             },
         }
@@ -96,7 +98,7 @@ async fn listen_once(
             _ = stop.cancelled() => return Ok(true),
             m = poll_fn(|cx| connection.poll_message(cx)) => match m {
                 Some(Ok(msg)) => handle(config, hub, msg),
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(crate::error::chain(&e)),
                 None => {
                     tracing::warn!("LISTEN connection closed by the server");
                     return Ok(true);
@@ -116,6 +118,8 @@ fn handle(config: &ListenerConfig, hub: &Hub, msg: AsyncMessage) {
             Ok(head) => hub.advance(head),
             Err(_) => tracing::debug!(payload = n.payload(), "ignoring a non-numeric head"),
         }
+    } else if n.channel() == config.locks_channel {
+        hub.lock_released(n.payload());
     } else if n.channel() == config.changes_channel {
         match serde_json::from_str::<Change>(n.payload()) {
             Ok(change) => hub.publish_local(change),

@@ -7,9 +7,11 @@
 //! again. Every grant increments the lock's fencing token, so a resource guarded by the lock can
 //! refuse a writer whose token is older than one it has already seen.
 //!
-//! Limits: a waiting acquirer polls (every `poll`), so hand-over takes up to one poll interval
-//! after a release; a holder cut off from the database for longer than the lease loses the lock
-//! (its stream then ends with ABORTED).
+//! A waiting acquirer is woken by a release: on this instance directly, on others through a
+//! NOTIFY on `database.locks_channel` relayed by their listener; it also retries every `poll`
+//! in case a wake-up was missed or a holder's lease ran out. A holder that cannot renew its
+//! lease is told before the lease can expire: its stream ends with UNAVAILABLE once less than a
+//! sixth of the lease is left, so two holders never overlap.
 
 use std::time::Duration;
 
@@ -28,8 +30,10 @@ use crate::store::db;
 pub struct LockConfig {
     /// A lease not renewed for this long expires.
     pub lease_timeout: Duration,
-    /// How often a waiting acquirer retries.
+    /// How often a waiting acquirer retries without a wake-up.
     pub poll: Duration,
+    /// The NOTIFY channel of releases.
+    pub channel: String,
 }
 
 const ACQUIRE: &str = "INSERT INTO pgstore.locks AS l (name, owner, fencing_token, lease_until) \
@@ -42,6 +46,12 @@ const RENEW: &str = "UPDATE pgstore.locks SET lease_until = now() + $3 * interva
      WHERE name = $1 AND owner = $2 AND lease_until >= now()";
 const RELEASE: &str =
     "UPDATE pgstore.locks SET owner = NULL, lease_until = NULL WHERE name = $1 AND owner = $2";
+/// Releases and wakes the waiters of every instance, in one statement.
+const RELEASE_NOTIFY: &str = "WITH released AS (UPDATE pgstore.locks SET owner = NULL, lease_until = NULL \
+     WHERE name = $1 AND owner = $2 RETURNING name) \
+     SELECT pg_notify($3, name) FROM released";
+/// The largest NOTIFY payload PostgreSQL takes.
+const MAX_NOTIFY_BYTES: usize = 7999;
 
 type Tx = mpsc::Sender<Result<proto::LockResponse, Status>>;
 
@@ -68,10 +78,25 @@ pub async fn run(ctx: LiveContext, config: LockConfig, name: String, try_only: b
     let _task = GaugeGuard::new(&metrics, |m| &m.stream_tasks);
     let owner = Uuid::new_v4();
     let ttl_ms = config.lease_timeout.as_secs_f64() * 1000.0;
+    let mut released = ctx.hub.watch_lock_releases();
     // Acquire.
-    let token = loop {
-        match try_acquire(&ctx, &name, owner, ttl_ms).await {
-            Ok(Some(token)) => break token,
+    let (token, granted_at) = loop {
+        let attempt = tokio::time::Instant::now();
+        // Registered before the attempt, so a release during it is not missed.
+        let wake = released.wait_for(&name);
+        tokio::pin!(wake);
+        let tried = tokio::time::timeout(
+            config.lease_timeout / 3,
+            try_acquire(&ctx, &name, owner, ttl_ms),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Unavailable(
+                "the database did not answer the lock request in time".into(),
+            ))
+        });
+        match tried {
+            Ok(Some(token)) => break (token, attempt),
             Ok(None) if try_only => {
                 let _ = tx
                     .send(Err(Status::aborted(format!(
@@ -90,6 +115,7 @@ pub async fn run(ctx: LiveContext, config: LockConfig, name: String, try_only: b
         }
         tokio::select! {
             _ = tokio::time::sleep(config.poll) => {}
+            _ = &mut wake => {}
             _ = tx.closed() => return,
             _ = ctx.shutdown.cancelled() => {
                 let _ = tx.try_send(Err(Status::unavailable("server is shutting down")));
@@ -98,16 +124,31 @@ pub async fn run(ctx: LiveContext, config: LockConfig, name: String, try_only: b
         }
     };
     let _held = GaugeGuard::new(&metrics, |m| &m.locks);
-    let outcome = hold(&ctx, &config, &name, owner, ttl_ms, token, &tx).await;
-    // Release (also after a lost lease: it is a no-op then).
-    if let Ok(conn) = db::get(ctx.store.pool()).await {
-        let _ = conn.client.execute(RELEASE, &[&name, &owner]).await;
-    }
+    let outcome = hold(&ctx, &config, &name, owner, ttl_ms, token, granted_at, &tx).await;
     if let Err(status) = outcome {
         let _ = tx.try_send(Err(status));
     }
+    // Release (also after a lost lease: it is a no-op then), waking waiters everywhere. It must
+    // not hang on an unreachable database: the lease runs out anyway.
+    let release = async {
+        let conn = db::get(ctx.store.pool()).await?;
+        if name.len() <= MAX_NOTIFY_BYTES {
+            conn.client
+                .execute(RELEASE_NOTIFY, &[&name, &owner, &config.channel])
+                .await
+        } else {
+            conn.client.execute(RELEASE, &[&name, &owner]).await
+        }
+        .map_err(db::db_err)
+    };
+    match tokio::time::timeout(config.lease_timeout / 3, release).await {
+        Ok(Ok(_)) => ctx.hub.lock_released(&name),
+        Ok(Err(e)) => tracing::debug!(error = %e, "lock release failed; the lease will run out"),
+        Err(_) => tracing::debug!("lock release timed out; the lease will run out"),
+    }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn hold(
     ctx: &LiveContext,
     config: &LockConfig,
@@ -115,6 +156,7 @@ async fn hold(
     owner: Uuid,
     ttl_ms: f64,
     token: i64,
+    granted_at: tokio::time::Instant,
     tx: &Tx,
 ) -> Result<(), Status> {
     let granted = proto::LockResponse {
@@ -126,27 +168,46 @@ async fn hold(
         return Ok(());
     }
     let renew_every = config.lease_timeout / 3;
+    let margin = config.lease_timeout / 6;
+    // The lease runs from the acquiring statement at the latest, as the database counts.
+    let mut valid_until = granted_at + config.lease_timeout;
+    let mut next_renewal = tokio::time::Instant::now() + renew_every;
     let mut next_heartbeat = tokio::time::Instant::now() + ctx.config.heartbeat;
-    let mut last_renewed = tokio::time::Instant::now();
+    let lost = |why: String| {
+        Status::unavailable(format!(
+            "lock {name:?} can no longer be guaranteed ({why}): stop using fencing token {token}"
+        ))
+    };
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(renew_every) => {
-                let renewed = async {
+            _ = tokio::time::sleep_until(next_renewal) => {
+                let started = tokio::time::Instant::now();
+                let left = valid_until.saturating_duration_since(started + margin);
+                let renewed = tokio::time::timeout(left.min(renew_every), async {
                     let conn = db::get(ctx.store.pool()).await?;
                     conn.client
                         .execute(RENEW, &[&name, &owner, &ttl_ms])
                         .await
                         .map_err(db::db_err)
-                }
+                })
                 .await;
                 match renewed {
-                    Ok(1) => last_renewed = tokio::time::Instant::now(),
-                    Ok(_) => return Err(Status::aborted(format!("lock {name:?} was lost (lease expired)"))),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "lock renewal failed");
-                        if last_renewed.elapsed() >= config.lease_timeout {
-                            return Err(Status::aborted(format!("lock {name:?} was lost (lease expired)")));
+                    Ok(Ok(1)) => {
+                        valid_until = started + config.lease_timeout;
+                        next_renewal = started + renew_every;
+                    }
+                    Ok(Ok(_)) => return Err(Status::aborted(format!("lock {name:?} was lost (lease expired)"))),
+                    failed => {
+                        let why = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "renewal got no answer in time".to_string(),
+                        };
+                        tracing::warn!(lock = name, error = %why, "lock renewal failed");
+                        let now = tokio::time::Instant::now();
+                        if now + margin >= valid_until {
+                            return Err(lost(why));
                         }
+                        next_renewal = (now + renew_every / 4).min(valid_until - margin);
                     }
                 }
             }

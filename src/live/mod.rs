@@ -46,6 +46,28 @@ pub struct Hub {
     pub tail: Arc<tail::Tail>,
     /// Wakes the tail reader when a subscriber arrives (it sleeps while there is none).
     pub subscriber_arrived: tokio::sync::Notify,
+    /// Names of locks just released (here or, through NOTIFY, on another instance).
+    lock_releases: broadcast::Sender<Arc<str>>,
+}
+
+/// A waiting Lock call's view of lock releases.
+pub struct LockReleases {
+    rx: broadcast::Receiver<Arc<str>>,
+}
+
+impl LockReleases {
+    /// Completes when `name` is released, or when releases were missed (then the caller retries
+    /// anyway).
+    pub async fn wait_for(&mut self, name: &str) {
+        loop {
+            match self.rx.recv().await {
+                Ok(n) if &*n == name => return,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    }
 }
 
 impl Hub {
@@ -58,8 +80,21 @@ impl Hub {
             head: tokio_watch::channel(0).0,
             changes: broadcast::channel(change_capacity.max(1)).0,
             epoch: tokio_watch::channel(0).0,
+            lock_releases: broadcast::channel(1024).0,
             metrics,
         })
+    }
+
+    /// Wakes the Lock calls waiting for `name`.
+    pub fn lock_released(&self, name: &str) {
+        let _ = self.lock_releases.send(Arc::from(name));
+    }
+
+    /// A receiver of lock releases.
+    pub fn watch_lock_releases(&self) -> LockReleases {
+        LockReleases {
+            rx: self.lock_releases.subscribe(),
+        }
     }
 
     /// Raises the known head (never lowers it); wakes subscribers when it moved.

@@ -42,6 +42,10 @@ pub struct LiveConfig {
     pub groups: groups::GroupConfig,
     /// Lock settings.
     pub locks: super::locks::LockConfig,
+    /// Bytes that may wait in one subscriber's queue.
+    pub max_buffered_bytes: usize,
+    /// How long a full queue may stay full before the subscriber is cut off.
+    pub stall_timeout: Duration,
 }
 
 /// A validated Subscribe request.
@@ -68,6 +72,51 @@ pub struct LiveContext {
     pub config: LiveConfig,
     /// Cancelled at server shutdown: streams end with UNAVAILABLE.
     pub shutdown: CancellationToken,
+    /// Slots for long-lived calls (Subscribe, WatchChanges, Lock): `server.max_subscribers`.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// The number of slots, for messages.
+    pub max_subscribers: usize,
+}
+
+impl LiveContext {
+    /// A slot for one long-lived call, held until the returned permit is dropped; refused with
+    /// RESOURCE_EXHAUSTED when every slot is taken.
+    pub fn take_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            self.hub
+                .metrics
+                .limit_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            Error::LimitReached {
+                setting: "server.max_subscribers",
+                limit: self.max_subscribers.to_string(),
+                message: "too many open Subscribe, WatchChanges and Lock calls on this instance"
+                    .into(),
+            }
+        })
+    }
+}
+
+/// What waits in one subscriber's queue, in bytes, and how the consumer side says it took some;
+/// plus the reason the subscriber was cut off, which the stream reports before anything queued.
+#[derive(Default)]
+pub struct Budget {
+    bytes: std::sync::atomic::AtomicUsize,
+    room: tokio::sync::Notify,
+    cut: std::sync::Mutex<Option<Status>>,
+}
+
+impl Budget {
+    /// The consumer took an item of `size` bytes.
+    pub fn took(&self, size: usize) {
+        self.bytes.fetch_sub(size, Ordering::Relaxed);
+        self.room.notify_one();
+    }
+
+    /// The reason the subscriber was cut off, once.
+    pub fn take_cut(&self) -> Option<Status> {
+        self.cut.lock().expect("budget").take()
+    }
 }
 
 /// Items are boxed: a channel allocates its slots in blocks, and an idle subscriber should cost
@@ -88,6 +137,7 @@ struct Sink {
     tx: Tx,
     ctx: LiveContext,
     last_sent: tokio::time::Instant,
+    budget: Arc<Budget>,
 }
 
 impl Sink {
@@ -100,26 +150,79 @@ impl Sink {
     }
 
     async fn send_frame(&mut self, frame: Frame) -> Result<(), Stop> {
+        use prost::Message as _;
+        let size = frame.encoded_len();
+        let limit = self.ctx.config.max_buffered_bytes;
+        let stall = self.ctx.config.stall_timeout;
+        // Over the byte budget: wait for the client to take something (a single frame larger
+        // than the budget still goes alone once the queue is empty).
+        let queued = self.budget.bytes.load(Ordering::Relaxed);
+        if queued > 0 && queued + size > limit {
+            let deadline = tokio::time::Instant::now() + stall;
+            loop {
+                let queued = self.budget.bytes.load(Ordering::Relaxed);
+                if queued == 0 || queued + size <= limit {
+                    break;
+                }
+                tokio::select! {
+                    _ = self.budget.room.notified() => {}
+                    _ = tokio::time::sleep_until(deadline) => return Err(self.too_slow()),
+                    _ = self.tx.closed() => return Err(Stop::Gone),
+                    _ = self.ctx.shutdown.cancelled() => return Err(shutting_down()),
+                }
+            }
+        }
         let m = &self.ctx.hub.metrics;
         m.buffered.fetch_add(1, Ordering::Relaxed);
+        self.budget.bytes.fetch_add(size, Ordering::Relaxed);
+        let undo = |m: &crate::metrics::Metrics| {
+            m.buffered.fetch_sub(1, Ordering::Relaxed);
+            self.budget.bytes.fetch_sub(size, Ordering::Relaxed);
+        };
         // Room in the buffer (the usual case): no waiting, nothing to register.
         let sent = match self.tx.try_send(Ok(Box::new(frame))) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => false,
             Err(mpsc::error::TrySendError::Full(item)) => tokio::select! {
                 r = self.tx.send(item) => r.is_ok(),
+                _ = tokio::time::sleep(stall) => {
+                    undo(m);
+                    return Err(self.too_slow());
+                }
                 _ = self.ctx.shutdown.cancelled() => {
-                    m.buffered.fetch_sub(1, Ordering::Relaxed);
+                    undo(m);
                     return Err(shutting_down());
                 }
             },
         };
         if !sent {
-            m.buffered.fetch_sub(1, Ordering::Relaxed);
+            undo(m);
             return Err(Stop::Gone);
         }
         self.last_sent = tokio::time::Instant::now();
         Ok(())
+    }
+
+    /// The client has not taken anything for `live.stall_timeout`: cut it off. The stream
+    /// reports this before anything still queued.
+    fn too_slow(&self) -> Stop {
+        self.ctx
+            .hub
+            .metrics
+            .limit_rejections
+            .fetch_add(1, Ordering::Relaxed);
+        let c = &self.ctx.config;
+        let status = Status::from(Error::LimitReached {
+            setting: "live.max_buffered_bytes",
+            limit: c.max_buffered_bytes.to_string(),
+            message: format!(
+                "subscriber too slow: its queue stayed full (live.max_buffered_bytes or live.buffer) \
+                 for live.stall_timeout ({:?}); resubscribe from the last sequence you processed",
+                c.stall_timeout
+            ),
+        });
+        *self.budget.cut.lock().expect("budget") = Some(status);
+        Stop::Gone
     }
 }
 
@@ -130,7 +233,7 @@ fn shutting_down() -> Stop {
 }
 
 /// Runs one subscription until the client leaves or the server stops. The caller spawns it.
-pub async fn run(ctx: LiveContext, sub: Subscription, tx: Tx) {
+pub async fn run(ctx: LiveContext, sub: Subscription, tx: Tx, budget: Arc<Budget>) {
     let metrics = ctx.hub.metrics.clone();
     let _subscribers = GaugeGuard::new(&metrics, |m| &m.subscribers);
     ctx.hub.subscriber_arrived.notify_one();
@@ -139,6 +242,7 @@ pub async fn run(ctx: LiveContext, sub: Subscription, tx: Tx) {
         tx: tx.clone(),
         ctx: ctx.clone(),
         last_sent: tokio::time::Instant::now(),
+        budget,
     };
     let result = match sub.group.clone() {
         None => {
@@ -271,7 +375,8 @@ async fn deliver(
         if must_read || pos.from().is_some_and(|p| hub.head() >= p) {
             // Boxed so the (large) read state is allocated only while reading, not kept inline in
             // every idle subscriber's future.
-            match Box::pin(catch_up(ctx, sub, sink, pos)).await {
+            let owned = group.as_ref().map(|(_, rx)| &**rx);
+            match Box::pin(catch_up(ctx, sub, sink, pos, owned)).await {
                 Ok(()) => {
                     retry_delay = Duration::from_millis(50);
                     must_read = false;
@@ -283,6 +388,12 @@ async fn deliver(
                     }
                 }
                 Err(ReadError::Stop(s)) => return Err(s),
+                Err(ReadError::Reassign) => {
+                    // The member's partitions changed (or its leases could not be renewed):
+                    // nothing more is sent before the new assignment is applied.
+                    reassign_needed = true;
+                    continue;
+                }
                 Err(ReadError::Db(e)) => {
                     // The database is away (restart, failover): keep the stream, retry.
                     tracing::debug!(error = %e, "subscriber read failed; retrying");
@@ -331,6 +442,14 @@ async fn deliver(
 enum ReadError {
     Stop(Stop),
     Db(Error),
+    /// A group member's ownership changed mid-read.
+    Reassign,
+}
+
+/// Whether a group member's ownership changed since it was last applied: then it must not
+/// deliver another event before applying it.
+fn ownership_changed(owned: Option<&watch::Receiver<Option<Vec<u32>>>>) -> bool {
+    owned.is_some_and(|rx| rx.has_changed().unwrap_or(true))
 }
 
 /// Whether an event passes the subscription's type and prefix filters (the database applies them
@@ -401,6 +520,7 @@ async fn catch_up(
     sub: &Subscription,
     sink: &mut Sink,
     pos: &mut Positions,
+    owned: Option<&watch::Receiver<Option<Vec<u32>>>>,
 ) -> Result<(), ReadError> {
     // The next page, read while this one is sent: (where it starts, the read).
     let mut ahead: Option<(u64, AbortOnDropHandle<crate::Result<read::LogPage>>)> = None;
@@ -411,6 +531,9 @@ async fn catch_up(
         if let Some((events, end)) = ctx.hub.tail.slice_from(from, ctx.config.page_size as usize) {
             let more = !events.is_empty() && end < ctx.hub.tail_end();
             for e in events {
+                if ownership_changed(owned) {
+                    return Err(ReadError::Reassign);
+                }
                 if wanted(sub, &e)
                     && let Some(partition) = admit(pos, e.seq, e.partition_key)
                 {
@@ -461,6 +584,9 @@ async fn catch_up(
             ));
         }
         for e in &page.events {
+            if ownership_changed(owned) {
+                return Err(ReadError::Reassign);
+            }
             if let Some(partition) = admit(pos, e.seq, e.partition_key) {
                 send_event(ctx, sink, e, partition)
                     .await

@@ -3,19 +3,35 @@
 use std::time::SystemTime;
 
 use super::{db::PgConn, db::db_err};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-const SAVE: &str = "INSERT INTO pgstore.checkpoints (consumer_id, seq) VALUES ($1, $2) \
-     ON CONFLICT (consumer_id) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()";
+/// Saves only a sequence the log has reached; returns the head either way.
+const SAVE: &str = "WITH h AS (SELECT seq FROM pgstore.head), \
+     saved AS (INSERT INTO pgstore.checkpoints (consumer_id, seq) \
+       SELECT $1, $2 FROM h WHERE $2 <= h.seq \
+       ON CONFLICT (consumer_id) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now() \
+       RETURNING 1) \
+     SELECT h.seq, (SELECT count(*) FROM saved) FROM h";
 const LOAD: &str = "SELECT seq, updated_at FROM pgstore.checkpoints WHERE consumer_id = $1";
 
-/// Saves a checkpoint (upsert; moving it backwards is allowed, to replay).
+/// Saves a checkpoint (upsert; moving it backwards is allowed, to replay). A sequence beyond the
+/// head of the log is refused and nothing is stored: a consumer resuming from it would skip
+/// every event written up to it.
 pub async fn save(conn: &mut PgConn, consumer_id: &str, seq: u64) -> Result<()> {
     let stmt = conn.stmt(SAVE).await.map_err(db_err)?;
-    conn.client
-        .execute(&stmt, &[&consumer_id, &(seq as i64)])
+    let row = conn
+        .client
+        .query_one(&stmt, &[&consumer_id, &(seq as i64)])
         .await
         .map_err(db_err)?;
+    let head = row.get::<_, i64>(0) as u64;
+    if row.get::<_, i64>(1) == 0 {
+        return Err(Error::CheckpointAhead {
+            consumer_id: consumer_id.to_owned(),
+            sequence: seq,
+            head,
+        });
+    }
     Ok(())
 }
 

@@ -5,8 +5,9 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use bytes::{BufMut, BytesMut};
 use postgres_types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Client, NoTls, Statement, error::SqlState};
+use tokio_postgres::{Client, Statement, error::SqlState};
 
+use super::target::Target;
 use crate::error::Error;
 
 /// A pool of primary (or replica) connections.
@@ -45,9 +46,12 @@ impl PgConn {
     }
 }
 
-/// Opens a connection and drives it on its own task.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<PgConn, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
+/// Opens a connection and drives it on its own task. The error names the server and the cause.
+pub async fn connect(target: &Target) -> Result<PgConn, Error> {
+    let (client, connection) = target
+        .connect()
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection ended");
@@ -61,19 +65,19 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<PgConn, tokio_po
 
 /// The bb8 manager for [`PgConn`].
 pub struct Manager {
-    config: tokio_postgres::Config,
+    target: Target,
 }
 
 impl bb8::ManageConnection for Manager {
     type Connection = PgConn;
-    type Error = tokio_postgres::Error;
+    type Error = Error;
 
-    async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
-        connect(&self.config).await
+    async fn connect(&self) -> Result<PgConn, Error> {
+        connect(&self.target).await
     }
 
-    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
-        conn.client.simple_query("").await.map(|_| ())
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), Error> {
+        conn.client.simple_query("").await.map(|_| ()).map_err(db_err)
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
@@ -83,7 +87,7 @@ impl bb8::ManageConnection for Manager {
 
 /// Builds a pool. Connection failures surface at once (no retry loop) so requests fail fast with
 /// UNAVAILABLE while the database is down; `wait` bounds how long a request waits for a busy pool.
-pub fn pool(config: tokio_postgres::Config, size: u32, wait: Duration) -> Pool {
+pub fn pool(target: Target, size: u32, wait: Duration) -> Pool {
     bb8::Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
@@ -91,7 +95,7 @@ pub fn pool(config: tokio_postgres::Config, size: u32, wait: Duration) -> Pool {
         .retry_connection(false)
         .connection_timeout(wait)
         .idle_timeout(Some(Duration::from_secs(300)))
-        .build_unchecked(Manager { config })
+        .build_unchecked(Manager { target })
 }
 
 /// A live connection from the pool: connections that died while idle (database restart) are
@@ -107,9 +111,9 @@ pub async fn get(pool: &Pool) -> Result<PooledConn<'_>, Error> {
     Err(Error::Unavailable("no live database connection".into()))
 }
 
-fn run_err(e: bb8::RunError<tokio_postgres::Error>) -> Error {
+fn run_err(e: bb8::RunError<Error>) -> Error {
     match e {
-        bb8::RunError::User(e) => db_err(e),
+        bb8::RunError::User(e) => e,
         bb8::RunError::TimedOut => {
             Error::Unavailable("timed out waiting for a database connection".into())
         }
@@ -136,14 +140,35 @@ pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// Maps a driver error to the domain.
+/// Maps a driver error to the domain: lost connections and a server that cannot take the
+/// session are UNAVAILABLE, serialization failures and deadlocks are retryable conflicts
+/// (ABORTED), a statement cut off by `statement_timeout` is a timeout.
 pub fn db_err(e: tokio_postgres::Error) -> Error {
-    if is_connection_error(&e) {
-        Error::Unavailable(e.to_string())
-    } else if let Some(db) = e.as_db_error() {
-        Error::Internal(format!("{} ({})", db.message(), db.code().code()))
-    } else {
-        Error::Internal(e.to_string())
+    let code = e.code().cloned();
+    match code {
+        Some(c) if c == SqlState::T_R_SERIALIZATION_FAILURE || c == SqlState::T_R_DEADLOCK_DETECTED => {
+            Error::Conflict(db_message(&e))
+        }
+        Some(c) if c == SqlState::QUERY_CANCELED => Error::Timeout(format!(
+            "{} (database.statement_timeout)",
+            db_message(&e)
+        )),
+        Some(c) if c.code().starts_with("28") || c == SqlState::INVALID_CATALOG_NAME => {
+            Error::Unavailable(format!("the database refused the session: {}", db_message(&e)))
+        }
+        Some(c) if c == SqlState::INSUFFICIENT_PRIVILEGE => {
+            Error::Internal(format!("pgstore's database role lacks a privilege: {}", db_message(&e)))
+        }
+        _ if is_connection_error(&e) => Error::Unavailable(crate::error::chain(&e)),
+        _ => Error::Internal(db_message(&e)),
+    }
+}
+
+/// The server's message and SQLSTATE, or the driver's error chain.
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => crate::error::chain(e),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod read;
 pub mod readahead;
 pub mod router;
 pub mod snapshots;
+pub mod target;
 pub mod writer;
 
 use std::{fmt, sync::Arc, time::Duration, time::SystemTime};
@@ -214,7 +215,7 @@ pub fn is_json_content_type(content_type: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// The primary.
-    pub primary: tokio_postgres::Config,
+    pub primary: target::Target,
     /// Pool size for the primary.
     pub pool_size: u32,
     /// How long a request waits for a pooled connection.
@@ -223,8 +224,8 @@ pub struct StoreConfig {
     pub events_channel: String,
     /// Group-commit settings.
     pub writer: writer::WriterConfig,
-    /// Read replicas: a name (`host:port`) and a connection config each.
-    pub replicas: Vec<(String, tokio_postgres::Config)>,
+    /// Read replicas.
+    pub replicas: Vec<target::Target>,
     /// Replica routing settings.
     pub replica: router::ReplicaConfig,
 }
@@ -250,7 +251,7 @@ impl Store {
         metrics: Arc<crate::metrics::Metrics>,
         shutdown: CancellationToken,
     ) -> Result<(Store, JoinHandle<()>)> {
-        let mut conn = db::connect(&config.primary).await.map_err(db::db_err)?;
+        let mut conn = db::connect(&config.primary).await?;
         migrate::migrate(&mut conn.client).await?;
         let prefix: i64 = conn
             .client

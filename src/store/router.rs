@@ -105,17 +105,17 @@ impl Router {
     /// A router over the primary pool and one pool per replica.
     pub fn new(
         primary: Pool,
-        replicas: Vec<(String, tokio_postgres::Config)>,
+        replicas: Vec<super::target::Target>,
         config: ReplicaConfig,
         connect_wait: Duration,
         metrics: Arc<Metrics>,
     ) -> Router {
         let replicas = replicas
             .into_iter()
-            .map(|(name, cfg)| {
+            .map(|target| {
                 Arc::new(Replica {
-                    name,
-                    pool: db::pool(cfg, config.pool_size, connect_wait),
+                    name: target.name.clone(),
+                    pool: db::pool(target, config.pool_size, connect_wait),
                     head: AtomicU64::new(0),
                     // Out of rotation until the first probe answers.
                     healthy: AtomicBool::new(false),

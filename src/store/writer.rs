@@ -56,6 +56,7 @@ use super::{
     db::{self, JsonRef, PgConn, is_connection_error},
     ids::AssignedIds,
     partition_key,
+    target::Target,
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -71,8 +72,9 @@ pub struct WriterConfig {
     pub max_batch_events: usize,
     /// Most one-round-trip batches in flight at once on the writer's connection.
     pub pipeline_depth: usize,
-    /// How long to wait when (re)connecting.
-    pub connect_timeout: Duration,
+    /// How long a batch may take to commit before its callers are told the outcome is unknown
+    /// and the connection is dropped.
+    pub commit_timeout: Duration,
 }
 
 impl Default for WriterConfig {
@@ -82,7 +84,7 @@ impl Default for WriterConfig {
             max_batch_appends: 1000,
             max_batch_events: 10_000,
             pipeline_depth: 2,
-            connect_timeout: Duration::from_secs(5),
+            commit_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -119,7 +121,7 @@ impl Handle {
 /// Starts the writer. It runs until `shutdown` is cancelled, then commits what was already queued
 /// and stops.
 pub fn spawn(
-    config: tokio_postgres::Config,
+    config: Target,
     channel: String,
     settings: WriterConfig,
     metrics: Arc<Metrics>,
@@ -146,7 +148,7 @@ pub fn spawn(
 }
 
 struct Writer {
-    config: tokio_postgres::Config,
+    config: Target,
     channel: Arc<str>,
     settings: WriterConfig,
     /// The connection to the primary, shared by the batches in flight on it.
@@ -394,8 +396,9 @@ struct Sent {
 /// A sent batch back from the database.
 struct Landed {
     sent: Sent,
-    /// On error, whether the commit had been asked for.
-    outcome: Result<(), (tokio_postgres::Error, bool)>,
+    /// On error, whether the commit had been asked for; `None` when it did not land within
+    /// the commit timeout.
+    outcome: Result<(), Option<(tokio_postgres::Error, bool)>>,
 }
 
 /// What the writer does next.
@@ -519,7 +522,13 @@ impl Writer {
         self.in_flight_events += sent.events;
         let channel = self.channel.clone();
         self.in_flight
-            .push_back(Box::pin(send_in_one(conn, sent, channel, self.ids)));
+            .push_back(Box::pin(send_in_one(
+                conn,
+                sent,
+                channel,
+                self.ids,
+                self.settings.commit_timeout,
+            )));
     }
 
     /// Answers a landed batch, or keeps it for redoing.
@@ -536,12 +545,18 @@ impl Writer {
                     let _ = req.reply.send(res);
                 }
             }
-            Err((e, _)) if memory_was_stale(&e) => {
+            Err(Some((e, _))) if memory_was_stale(&e) => {
                 // The statement was its own transaction and rolled back: nothing was written.
                 self.stale();
                 self.redo.push(sent.batch);
             }
-            Err((e, commit_sent)) => {
+            Err(None) => {
+                let e = self.timed_out();
+                for req in sent.batch {
+                    let _ = req.reply.send(Err(clone_err(&e)));
+                }
+            }
+            Err(Some((e, commit_sent))) => {
                 // Its own transaction ended with the statement: nothing to roll back.
                 self.memory.forget();
                 if is_connection_error(&e) {
@@ -576,11 +591,32 @@ impl Writer {
         self.memory.rest_until = Some(std::time::Instant::now() + FAST_PATH_REST);
     }
 
+    /// A batch did not land within the commit timeout: nothing more is known of it. The
+    /// connection is given up (the next batch reads afresh on a new one).
+    fn timed_out(&mut self) -> Error {
+        self.memory.forget();
+        self.conn = None;
+        self.metrics.commit_timeouts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            timeout = ?self.settings.commit_timeout,
+            "append batch not committed within writer.commit_timeout; reconnecting"
+        );
+        Error::CommitOutcomeUnknown(format!(
+            "not committed within writer.commit_timeout ({:?})",
+            self.settings.commit_timeout
+        ))
+    }
+
     /// Commits a batch with nothing in flight and answers its callers.
     async fn commit(&mut self, batch: Vec<Request>) {
         debug_assert!(self.in_flight.is_empty());
         let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
-        match self.try_commit(&cmds).await {
+        let limit = self.settings.commit_timeout;
+        let committed = match tokio::time::timeout(limit, self.try_commit(&cmds)).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::All(self.timed_out())),
+        };
+        match committed {
             Ok(results) => {
                 let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
                 self.metrics.appends.fetch_add(ok, Ordering::Relaxed);
@@ -608,10 +644,8 @@ impl Writer {
         {
             return Ok(c.clone());
         }
-        let conn = tokio::time::timeout(self.settings.connect_timeout, db::connect(&self.config))
-            .await
-            .map_err(|_| Error::Unavailable("timed out connecting to the primary".into()))?
-            .map_err(db::db_err)?;
+        // The connect is bounded by database.connect_timeout (see Target::connect).
+        let conn = db::connect(&self.config).await?;
         let conn = Arc::new(conn);
         self.conn = Some(conn.clone());
         Ok(conn)
@@ -760,7 +794,10 @@ fn is_data_error(e: &tokio_postgres::Error) -> bool {
 /// the outcome unknown; a data error lets the batch be retried append by append.
 fn classify(e: tokio_postgres::Error, commit_sent: bool) -> Failure {
     if is_connection_error(&e) && commit_sent {
-        Failure::All(Error::CommitOutcomeUnknown)
+        Failure::All(Error::CommitOutcomeUnknown(format!(
+            "the connection to the primary was lost after COMMIT was sent: {}",
+            crate::error::chain(&e)
+        )))
     } else if is_data_error(&e) {
         Failure::Data(Error::invalid("events", db::db_err(e).to_string()))
     } else {
@@ -769,19 +806,28 @@ fn classify(e: tokio_postgres::Error, commit_sent: bool) -> Failure {
 }
 
 /// A one-round-trip batch's statement, pipelined behind those in flight.
-async fn send_in_one(conn: Arc<PgConn>, sent: Sent, channel: Arc<str>, ids: AssignedIds) -> Landed {
+async fn send_in_one(
+    conn: Arc<PgConn>,
+    sent: Sent,
+    channel: Arc<str>,
+    ids: AssignedIds,
+    limit: Duration,
+) -> Landed {
     let outcome = {
         let cmds: Vec<&AppendCommand> = sent.batch.iter().map(|r| &r.cmd).collect();
         let (rows, keys) = lay_out(&cmds, &sent.results, ids);
-        write_and_commit(
+        let written = write_and_commit(
             &conn,
             Some(&sent.check),
             &rows,
             &keys,
             sent.new_head,
             &channel,
-        )
-        .await
+        );
+        match tokio::time::timeout(limit, written).await {
+            Ok(r) => r.map_err(Some),
+            Err(_) => Err(None),
+        }
     };
     Landed { sent, outcome }
 }
@@ -1160,7 +1206,9 @@ async fn write_and_commit(
 fn clone_err(e: &Error) -> Error {
     match e {
         Error::Unavailable(s) => Error::Unavailable(s.clone()),
-        Error::CommitOutcomeUnknown => Error::CommitOutcomeUnknown,
+        Error::CommitOutcomeUnknown(s) => Error::CommitOutcomeUnknown(s.clone()),
+        Error::Timeout(s) => Error::Timeout(s.clone()),
+        Error::Conflict(s) => Error::Conflict(s.clone()),
         Error::ShuttingDown => Error::ShuttingDown,
         Error::InvalidArgument { field, reason } => Error::InvalidArgument {
             field: field.clone(),
