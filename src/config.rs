@@ -100,7 +100,10 @@ impl fmt::Debug for Config {
         let urls: Vec<String> = self.replica_urls.iter().map(|u| redact_url(u)).collect();
         f.debug_struct("Config")
             .field("listen", &self.listen)
-            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
             .field("database_url_file", &self.database_url_file)
             .field("replica_urls", &urls)
             .field("data_dir", &self.data_dir)
@@ -719,10 +722,7 @@ impl Config {
             );
         }
         if l.max_response_bytes < 1024 {
-            return bad(
-                "limits.max_response_bytes",
-                "must be at least 1024".into(),
-            );
+            return bad("limits.max_response_bytes", "must be at least 1024".into());
         }
         if l.max_append_bytes < l.max_event_bytes {
             return bad(
@@ -947,7 +947,10 @@ mod tests {
                 "host=db password='s3 cr\\'et' user=app",
                 "host=db password=*** user=app",
             ),
-            ("postgres://db/x?password=s3cret&a=b", "postgres://db/x?password=***&a=b"),
+            (
+                "postgres://db/x?password=s3cret&a=b",
+                "postgres://db/x?password=***&a=b",
+            ),
         ] {
             assert_eq!(redact_url(url), want);
         }

@@ -269,7 +269,10 @@ impl From<Error> for Status {
             Error::Timeout(_) => (Code::DeadlineExceeded, info(vec![])),
             Error::LimitReached { setting, limit, .. } => (
                 Code::ResourceExhausted,
-                info(vec![("setting", setting.to_string()), ("limit", limit.clone())]),
+                info(vec![
+                    ("setting", setting.to_string()),
+                    ("limit", limit.clone()),
+                ]),
             ),
             Error::CheckpointAhead {
                 consumer_id,

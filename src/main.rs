@@ -106,9 +106,8 @@ async fn run(cli: Cli) -> Result<(), pgstore::Error> {
             data_dir,
             metrics_listen,
         } => {
-            let password_on_command_line = database_url
-                .as_deref()
-                .is_some_and(|u| redact_url(u) != u);
+            let password_on_command_line =
+                database_url.as_deref().is_some_and(|u| redact_url(u) != u);
             let overrides = Overrides {
                 listen,
                 database_url,
@@ -141,7 +140,10 @@ async fn run(cli: Cli) -> Result<(), pgstore::Error> {
                 (Some(u), _) => u,
                 (None, Some(f)) => std::fs::read_to_string(&f)
                     .map_err(|e| {
-                        pgstore::Error::invalid("database_url_file", format!("{}: {e}", f.display()))
+                        pgstore::Error::invalid(
+                            "database_url_file",
+                            format!("{}: {e}", f.display()),
+                        )
                     })?
                     .lines()
                     .next()

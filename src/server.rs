@@ -4,8 +4,8 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use http::{HeaderValue, Response};
-use tokio_stream::StreamExt as _;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -224,6 +224,8 @@ async fn serve(
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(usize::MAX);
     gate.open(service);
+    // The store just opened on the primary: serving, until the health probe says otherwise.
+    set_health(&health, ServingStatus::Serving).await;
     tracing::info!(listen = ?local, "pgstore serving");
 
     let fatal = tokio::select! {
@@ -463,7 +465,8 @@ impl HealthProbe {
     pub async fn check(&mut self, limit: Duration) -> std::result::Result<(), String> {
         let probe = async {
             if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, connection) = self.target.connect().await.map_err(|e| e.to_string())?;
+                let (client, connection) =
+                    self.target.connect().await.map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
@@ -478,7 +481,10 @@ impl HealthProbe {
         };
         let r = match tokio::time::timeout(limit, probe).await {
             Ok(r) => r,
-            Err(_) => Err(format!("{} did not answer within {limit:?}", self.target.name)),
+            Err(_) => Err(format!(
+                "{} did not answer within {limit:?}",
+                self.target.name
+            )),
         };
         if r.is_err() {
             self.conn = None;
@@ -588,10 +594,8 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
-    type Future = futures_util::future::BoxFuture<
-        'static,
-        std::result::Result<Self::Response, Self::Error>,
-    >;
+    type Future =
+        futures_util::future::BoxFuture<'static, std::result::Result<Self::Response, Self::Error>>;
 
     fn poll_ready(
         &mut self,

@@ -324,6 +324,8 @@ async fn checkpoints_save_and_load() {
     };
     let none = c.load_checkpoint(load("proj")).await.unwrap().into_inner();
     assert_eq!((none.sequence, none.found), (0, false));
+    let head = append_many(&mut c, 25, "cp", 3).await;
+    assert_eq!(head, 25);
     for seq in [10, 25, 5] {
         c.save_checkpoint(proto::SaveCheckpointRequest {
             consumer_id: "proj".into(),
@@ -337,4 +339,50 @@ async fn checkpoints_save_and_load() {
     }
     let other = c.load_checkpoint(load("other")).await.unwrap().into_inner();
     assert!(!other.found);
+}
+
+#[tokio::test]
+async fn a_checkpoint_beyond_the_head_is_refused_and_stores_nothing() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    let head = append_many(&mut c, 3, "cp-ahead", 1).await;
+    let save = |seq| proto::SaveCheckpointRequest {
+        consumer_id: "proj".into(),
+        sequence: seq,
+    };
+    c.save_checkpoint(save(head)).await.unwrap();
+    let err = c.save_checkpoint(save(head + 1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("beyond the head"),
+        "{}",
+        err.message()
+    );
+    let err = c.save_checkpoint(save(1_000_000)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    // The stored checkpoint is the last accepted one; a new consumer stores nothing.
+    let got = c
+        .load_checkpoint(proto::LoadCheckpointRequest {
+            consumer_id: "proj".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.sequence, got.found), (head, true));
+    let err = c
+        .save_checkpoint(proto::SaveCheckpointRequest {
+            consumer_id: "fresh".into(),
+            sequence: head + 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let fresh = c
+        .load_checkpoint(proto::LoadCheckpointRequest {
+            consumer_id: "fresh".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!fresh.found);
 }

@@ -193,11 +193,13 @@ mod tests {
         let load = "/pgstore.v1.EventStore/Load";
         let code = |r: Result<Access, Status>| r.err().map(|s| s.code());
         assert_eq!(
-            t.check(load, &headers(Some("Bearer reader-secret"))).unwrap(),
+            t.check(load, &headers(Some("Bearer reader-secret")))
+                .unwrap(),
             Access::Read
         );
         assert_eq!(
-            t.check(load, &headers(Some("Bearer writer-secret"))).unwrap(),
+            t.check(load, &headers(Some("Bearer writer-secret")))
+                .unwrap(),
             Access::Full
         );
         assert_eq!(

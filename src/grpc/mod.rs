@@ -21,10 +21,10 @@ use crate::live::{
     subscribe::{self, Budget, LiveContext, Subscription},
     watch,
 };
-use crate::wire::EncodedEvent;
 use crate::metrics::Metrics;
 use crate::proto::{self, event_store_server::EventStore};
 use crate::store::{Store, StreamState, checkpoints, db, lifecycle, read, snapshots};
+use crate::wire::EncodedEvent;
 use crate::wire::Frame;
 
 /// A server-streaming response.

@@ -133,7 +133,9 @@ pub async fn run_member(
                 }
                 // Retry soon, but wake in time to stop before the leases run out.
                 (config.renew_interval / 4)
-                    .min(valid_until.saturating_duration_since(tokio::time::Instant::now() + margin))
+                    .min(
+                        valid_until.saturating_duration_since(tokio::time::Instant::now() + margin),
+                    )
                     .max(Duration::from_millis(10))
             }
         };

@@ -77,7 +77,11 @@ impl bb8::ManageConnection for Manager {
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), Error> {
-        conn.client.simple_query("").await.map(|_| ()).map_err(db_err)
+        conn.client
+            .simple_query("")
+            .await
+            .map(|_| ())
+            .map_err(db_err)
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
@@ -146,19 +150,24 @@ pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
 pub fn db_err(e: tokio_postgres::Error) -> Error {
     let code = e.code().cloned();
     match code {
-        Some(c) if c == SqlState::T_R_SERIALIZATION_FAILURE || c == SqlState::T_R_DEADLOCK_DETECTED => {
+        Some(c)
+            if c == SqlState::T_R_SERIALIZATION_FAILURE || c == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
             Error::Conflict(db_message(&e))
         }
-        Some(c) if c == SqlState::QUERY_CANCELED => Error::Timeout(format!(
-            "{} (database.statement_timeout)",
+        Some(c) if c == SqlState::QUERY_CANCELED => {
+            Error::Timeout(format!("{} (database.statement_timeout)", db_message(&e)))
+        }
+        Some(c) if c.code().starts_with("28") || c == SqlState::INVALID_CATALOG_NAME => {
+            Error::Unavailable(format!(
+                "the database refused the session: {}",
+                db_message(&e)
+            ))
+        }
+        Some(c) if c == SqlState::INSUFFICIENT_PRIVILEGE => Error::Internal(format!(
+            "pgstore's database role lacks a privilege: {}",
             db_message(&e)
         )),
-        Some(c) if c.code().starts_with("28") || c == SqlState::INVALID_CATALOG_NAME => {
-            Error::Unavailable(format!("the database refused the session: {}", db_message(&e)))
-        }
-        Some(c) if c == SqlState::INSUFFICIENT_PRIVILEGE => {
-            Error::Internal(format!("pgstore's database role lacks a privilege: {}", db_message(&e)))
-        }
         _ if is_connection_error(&e) => Error::Unavailable(crate::error::chain(&e)),
         _ => Error::Internal(db_message(&e)),
     }

@@ -29,8 +29,8 @@ use std::{
 
 use rustls::{
     DigitallySignedStruct, RootCertStore, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     client::WebPkiServerVerifier,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::CryptoProvider,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
@@ -310,9 +310,7 @@ impl ConnectError {
         let cause = match e.code() {
             Some(c) if c.code().starts_with("28") => ConnectCause::Authentication,
             Some(c) if c.code() == "3D000" => ConnectCause::NoDatabase,
-            Some(c) if c.code().starts_with("57P") || c.code() == "53300" => {
-                ConnectCause::NotReady
-            }
+            Some(c) if c.code().starts_with("57P") || c.code() == "53300" => ConnectCause::NotReady,
             Some(_) => ConnectCause::Other,
             None => {
                 let lower = detail.to_ascii_lowercase();
@@ -392,7 +390,12 @@ fn password_from_environment(config: &tokio_postgres::Config) -> Option<String> 
         Some(Host::Unix(_)) => "localhost".into(),
         None => "localhost".into(),
     };
-    let port = config.get_ports().first().copied().unwrap_or(5432).to_string();
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
     let db = config
         .get_dbname()
         .or(config.get_user())
@@ -452,8 +455,13 @@ fn split_tls_options(s: &str) -> Result<(String, TlsOptions), String> {
             }
             "sslcert" => tls.cert = Some(value.into()),
             "sslkey" => tls.key = Some(value.into()),
-            "sslcrl" | "sslcrldir" | "sslpassword" | "sslcompression" | "sslsni"
-            | "ssl_min_protocol_version" | "ssl_max_protocol_version" => {
+            "sslcrl"
+            | "sslcrldir"
+            | "sslpassword"
+            | "sslcompression"
+            | "sslsni"
+            | "ssl_min_protocol_version"
+            | "ssl_max_protocol_version" => {
                 return Err(format!("{key} is not supported"));
             }
             _ => return Ok(false),
@@ -532,7 +540,9 @@ fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, String> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(format!("missing \"=\" after {key:?} in the connection string"));
+            return Err(format!(
+                "missing \"=\" after {key:?} in the connection string"
+            ));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -807,7 +817,11 @@ mod tests {
         let t = Target::parse("postgres://db/app?sslmode=require").unwrap();
         assert_eq!(t.config.get_ssl_mode(), SslMode::Require);
         let t = Target::parse("host=/run/pg sslmode=require").unwrap();
-        assert_eq!(t.config.get_ssl_mode(), SslMode::Disable, "no TLS on sockets");
+        assert_eq!(
+            t.config.get_ssl_mode(),
+            SslMode::Disable,
+            "no TLS on sockets"
+        );
     }
 
     #[test]

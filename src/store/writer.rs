@@ -521,14 +521,13 @@ impl Writer {
         }
         self.in_flight_events += sent.events;
         let channel = self.channel.clone();
-        self.in_flight
-            .push_back(Box::pin(send_in_one(
-                conn,
-                sent,
-                channel,
-                self.ids,
-                self.settings.commit_timeout,
-            )));
+        self.in_flight.push_back(Box::pin(send_in_one(
+            conn,
+            sent,
+            channel,
+            self.ids,
+            self.settings.commit_timeout,
+        )));
     }
 
     /// Answers a landed batch, or keeps it for redoing.

@@ -237,16 +237,19 @@ impl Server {
     }
 
     async fn wait_ready(&self) {
-        for _ in 0..200 {
-            // With tokens configured, an unauthenticated answer is an answer too.
-            if let Ok(mut c) = self.try_client().await
-                && c.latest_sequence(proto::LatestSequenceRequest::default())
+        for _ in 0..400 {
+            // Health is open (no token needed) and turns SERVING once the store is open.
+            if let Ok(channel) =
+                tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+                    .unwrap()
+                    .connect()
                     .await
-                    .map_or_else(|s| s.code() == tonic::Code::Unauthenticated, |_| true)
+                && health_status(channel, pgstore::server::SERVICE_NAME).await
+                    == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
             {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("pgstore did not become ready on {}", self.addr);
     }
