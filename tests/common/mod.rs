@@ -602,3 +602,70 @@ pub async fn wait_health(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Frozen processes
+
+/// The postmaster's pid and its children's (every backend and auxiliary process).
+pub fn postgres_pids(pg: &PgCluster) -> Vec<u32> {
+    let pidfile =
+        std::fs::read_to_string(pg.cluster.data.join("postmaster.pid")).expect("postmaster.pid");
+    let postmaster: u32 = pidfile.lines().next().unwrap().trim().parse().unwrap();
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the ")" that closes the command name: state, ppid, ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(postmaster) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Sends `signal` (e.g. "STOP", "CONT") to the processes.
+pub fn signal(pids: &[u32], signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .args(pids.iter().map(|p| p.to_string()))
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pids:?}");
+}
+
+/// Freezes a whole PostgreSQL cluster (SIGSTOP to every process) until dropped or thawed.
+pub struct Frozen {
+    pids: Vec<u32>,
+}
+
+impl Frozen {
+    pub fn freeze(pg: &PgCluster) -> Frozen {
+        let pids = postgres_pids(pg);
+        signal(&pids, "STOP");
+        Frozen { pids }
+    }
+
+    pub fn thaw(mut self) {
+        signal(&self.pids, "CONT");
+        self.pids.clear();
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.pids.is_empty() {
+            let _ = std::process::Command::new("kill")
+                .arg("-CONT")
+                .args(self.pids.iter().map(|p| p.to_string()))
+                .status();
+        }
+    }
+}
