@@ -165,33 +165,6 @@ async fn bearer_tokens_guard_the_event_store_but_not_health_or_reflection() {
         .unwrap();
 }
 
-/// A CA, and certificates it signs.
-struct TestCa {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        TestCa { cert, key }
-    }
-
-    /// (certificate PEM, key PEM) for `name`.
-    fn issue(&self, name: &str) -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 /// Whether an append goes through on `endpoint` (connecting may fail, or the first call).
 async fn tls_call_works(endpoint: tonic::transport::Endpoint) -> bool {
     let Ok(channel) = endpoint.connect().await else {
