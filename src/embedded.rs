@@ -2,6 +2,12 @@
 //! (initdb) and starts (pg_ctl) a cluster in its data directory, so trying pgstore takes one
 //! command. When run as root, the cluster runs as the `postgres` user, as PostgreSQL requires.
 //!
+//! The embedded cluster is private to the user that runs it: its directories (data, socket) are
+//! mode 0700, it listens on its Unix socket only (no TCP port), the socket itself is 0700, and
+//! `pg_hba.conf` trusts only local socket connections (TCP logins would need a password, and none
+//! is set). When the socket path would be too long, the socket goes to `$XDG_RUNTIME_DIR` (a
+//! private per-user directory), never to a shared temporary directory.
+//!
 //! The same [`Cluster`] type drives the throwaway clusters of the test suite.
 
 use std::{
@@ -111,9 +117,22 @@ impl Cluster {
         let root = std::path::absolute(root)
             .map_err(|e| Error::Internal(format!("data directory {}: {e}", root.display())))?;
         let mut socket_dir = root.join("run");
+        let as_postgres = running_as_root();
         // Unix socket paths are limited to ~107 bytes.
         if socket_dir.as_os_str().len() + 20 > 100 {
-            socket_dir = std::env::temp_dir().join(format!(
+            let private = std::env::var_os("XDG_RUNTIME_DIR")
+                .map(PathBuf::from)
+                .filter(|d| d.is_dir() && !as_postgres);
+            let Some(runtime) = private else {
+                return Err(Error::invalid(
+                    "data_dir",
+                    format!(
+                        "{} is too long a path for PostgreSQL's Unix socket; use a shorter --data-dir",
+                        root.display()
+                    ),
+                ));
+            };
+            socket_dir = runtime.join(format!(
                 "pgstore-{:08x}",
                 crate::store::partition_key(&root.to_string_lossy())
             ));
@@ -125,7 +144,7 @@ impl Cluster {
             socket_dir,
             port,
             tcp,
-            as_postgres: running_as_root(),
+            as_postgres,
         })
     }
 
@@ -154,10 +173,14 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Gives a directory to the `postgres` user when we run as root.
+    /// Creates a directory private to the server's user (mode 0700), given to the `postgres` user
+    /// when we run as root.
     pub fn own(&self, dir: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Internal(format!("create {}: {e}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::Internal(format!("chmod 0700 {}: {e}", dir.display())))?;
         if self.as_postgres {
             let mut c = Command::new("chown");
             c.args(["-R", "postgres:postgres"]).arg(dir);
@@ -171,15 +194,27 @@ impl Cluster {
         self.data.join("PG_VERSION").is_file()
     }
 
-    /// Creates the cluster (superuser `postgres`, trust authentication, UTF-8).
+    /// Creates a throwaway cluster for tests (superuser `postgres`, trust authentication on the
+    /// socket and on TCP, UTF-8).
     pub fn init(&self) -> Result<()> {
+        self.initdb("trust")
+    }
+
+    /// Creates a private cluster: trust on the (0700) Unix socket only; TCP logins need a
+    /// password (scram-sha-256), and none is set.
+    pub fn init_private(&self) -> Result<()> {
+        self.initdb("scram-sha-256")
+    }
+
+    fn initdb(&self, host_auth: &str) -> Result<()> {
         let root = self.data.parent().unwrap_or(&self.data).to_path_buf();
         self.own(&root)?;
         let mut c = self.cmd("initdb");
         c.arg("-D").arg(&self.data).args([
             "-U",
             "postgres",
-            "--auth=trust",
+            "--auth-local=trust",
+            &format!("--auth-host={host_auth}"),
             "-E",
             "UTF8",
             "--no-locale",
@@ -288,13 +323,15 @@ impl Embedded {
         let cluster = Cluster::in_dir(data_dir, 5432, false)?;
         if !cluster.exists() {
             tracing::info!(dir = %cluster.data.display(), "creating an embedded PostgreSQL cluster (initdb)");
-            cluster.init()?;
+            cluster.init_private()?;
         }
+        // A cluster made by an older pgstore: make its directory private too.
+        cluster.own(data_dir)?;
         let started_here = if cluster.is_running() {
             tracing::info!(dir = %cluster.data.display(), "embedded PostgreSQL is already running; using it");
             false
         } else {
-            cluster.start(&[])?;
+            cluster.start(&[("unix_socket_permissions", "0700")])?;
             true
         };
         tracing::info!(

@@ -470,6 +470,33 @@ async fn serve_without_a_database_url_runs_an_embedded_postgres() {
         .unwrap()
         .into_inner();
     assert_eq!(r.version, 1);
+    // The cluster is private: directories 0700, no trust over TCP, and no TCP port at all.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [dir.clone(), dir.join("pg"), dir.join("run")] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+        }
+        let hba = std::fs::read_to_string(dir.join("pg/pg_hba.conf")).unwrap();
+        for line in hba.lines().filter(|l| l.starts_with("host")) {
+            assert!(!line.contains("trust"), "TCP trusted: {line}");
+        }
+        let cluster = pgstore::embedded::Cluster::in_dir(&dir, 5432, false).unwrap();
+        let (client, conn) = cluster
+            .config("postgres")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for (name, want) in [("listen_addresses", ""), ("unix_socket_permissions", "0700")] {
+            let v: String = client
+                .query_one("SELECT current_setting($1)", &[&name])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(v, want, "{name}");
+        }
+    }
     assert!(terminate(child).await.success());
     assert!(
         dir.join("pg/PG_VERSION").is_file(),
