@@ -488,7 +488,10 @@ async fn serve_without_a_database_url_runs_an_embedded_postgres() {
             .await
             .unwrap();
         tokio::spawn(conn);
-        for (name, want) in [("listen_addresses", ""), ("unix_socket_permissions", "0700")] {
+        for (name, want) in [
+            ("listen_addresses", ""),
+            ("unix_socket_permissions", "0700"),
+        ] {
             let v: String = client
                 .query_one("SELECT current_setting($1)", &[&name])
                 .await
