@@ -631,3 +631,40 @@ fn too_large_is_resource_exhausted<B>(mut resp: Response<B>) -> Response<B> {
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dead_task_is_reported_with_its_panic() {
+        let panicked = tokio::spawn(async { panic!("writer exploded") });
+        let why = task_ended("writer", panicked.await);
+        assert!(
+            why.contains("writer task panicked: writer exploded"),
+            "{why}"
+        );
+        let ended = tokio::spawn(async {});
+        assert!(task_ended("listener", ended.await).contains("stopped unexpectedly"));
+    }
+
+    #[tokio::test]
+    async fn a_closed_gate_answers_unavailable_with_the_reason() {
+        use tower::ServiceExt;
+        let gate = Gate::<
+            tower::util::BoxCloneSyncService<
+                http::Request<()>,
+                http::Response<tonic::body::Body>,
+                std::convert::Infallible,
+            >,
+        >::new("connecting to the database at db:5432".into());
+        let resp = gate.clone().oneshot(http::Request::new(())).await.unwrap();
+        let status = tonic::Status::from_header_map(resp.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("db:5432"));
+        gate.set_reason("database not reachable yet: refused".into());
+        let resp = gate.oneshot(http::Request::new(())).await.unwrap();
+        let status = tonic::Status::from_header_map(resp.headers()).unwrap();
+        assert!(status.message().contains("refused"));
+    }
+}
