@@ -36,12 +36,17 @@ pub struct LockConfig {
     pub channel: String,
 }
 
-const ACQUIRE: &str = "INSERT INTO pgstore.locks AS l (name, owner, fencing_token, lease_until) \
-     VALUES ($1, $2, 1, now() + $3 * interval '1 millisecond') \
-     ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, fencing_token = l.fencing_token + 1, \
-       lease_until = EXCLUDED.lease_until \
-     WHERE l.owner IS NULL OR l.lease_until < now() \
-     RETURNING fencing_token";
+/// Takes the lock if it is free; otherwise says how long the holder's lease has left (in ms), so a
+/// waiter whose holder vanished retries the moment the lease runs out.
+const ACQUIRE: &str = "WITH acquired AS ( \
+       INSERT INTO pgstore.locks AS l (name, owner, fencing_token, lease_until) \
+       VALUES ($1, $2, 1, now() + $3 * interval '1 millisecond') \
+       ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, fencing_token = l.fencing_token + 1, \
+         lease_until = EXCLUDED.lease_until \
+       WHERE l.owner IS NULL OR l.lease_until < now() \
+       RETURNING fencing_token) \
+     SELECT (SELECT fencing_token FROM acquired), \
+       (SELECT extract(epoch FROM lease_until - now())::float8 * 1000 FROM pgstore.locks WHERE name = $1)";
 const RENEW: &str = "UPDATE pgstore.locks SET lease_until = now() + $3 * interval '1 millisecond' \
      WHERE name = $1 AND owner = $2 AND lease_until >= now()";
 const RELEASE: &str =
@@ -55,20 +60,26 @@ const MAX_NOTIFY_BYTES: usize = 7999;
 
 type Tx = mpsc::Sender<Result<proto::LockResponse, Status>>;
 
-/// Tries once to take the lock; the fencing token when granted.
+/// Tries once to take the lock: the fencing token when granted, else how long the holder's lease
+/// has left.
 async fn try_acquire(
     ctx: &LiveContext,
     name: &str,
     owner: Uuid,
     ttl_ms: f64,
-) -> Result<Option<i64>, Error> {
+) -> Result<Result<i64, Option<Duration>>, Error> {
     let conn = db::get(ctx.store.pool()).await?;
     let row = conn
         .client
-        .query_opt(ACQUIRE, &[&name, &owner, &ttl_ms])
+        .query_one(ACQUIRE, &[&name, &owner, &ttl_ms])
         .await
         .map_err(db::db_err)?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(match row.get::<_, Option<i64>>(0) {
+        Some(token) => Ok(token),
+        None => Err(row
+            .get::<_, Option<f64>>(1)
+            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0))),
+    })
 }
 
 /// Acquires (or, with `try_only`, fails at once with ABORTED), then holds the lock until the client
@@ -95,9 +106,12 @@ pub async fn run(ctx: LiveContext, config: LockConfig, name: String, try_only: b
                 "the database did not answer the lock request in time".into(),
             ))
         });
+        // Without a wake-up, retry after the poll interval, or as soon as the holder's lease runs
+        // out (a holder that vanished releases nothing).
+        let mut wait = config.poll;
         match tried {
-            Ok(Some(token)) => break (token, attempt),
-            Ok(None) if try_only => {
+            Ok(Ok(token)) => break (token, attempt),
+            Ok(Err(_)) if try_only => {
                 let _ = tx
                     .send(Err(Status::aborted(format!(
                         "lock {name:?} is held elsewhere"
@@ -105,7 +119,11 @@ pub async fn run(ctx: LiveContext, config: LockConfig, name: String, try_only: b
                     .await;
                 return;
             }
-            Ok(None) => {}
+            Ok(Err(left)) => {
+                if let Some(left) = left {
+                    wait = wait.min(left + Duration::from_millis(5));
+                }
+            }
             // Only an unreachable database is worth waiting out.
             Err(e) if try_only || !matches!(e, Error::Unavailable(_)) => {
                 let _ = tx.send(Err(e.into())).await;
@@ -114,7 +132,7 @@ pub async fn run(ctx: LiveContext, config: LockConfig, name: String, try_only: b
             Err(e) => tracing::debug!(error = %e, "lock acquisition failed; retrying"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(config.poll) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = &mut wake => {}
             _ = tx.closed() => return,
             _ = ctx.shutdown.cancelled() => {
