@@ -820,8 +820,8 @@ impl Config {
     }
 
     /// Live-delivery settings.
-    pub fn live_config(&self) -> crate::live::subscribe::LiveConfig {
-        crate::live::subscribe::LiveConfig {
+    pub fn live_config(&self) -> crate::live::context::LiveConfig {
+        crate::live::context::LiveConfig {
             page_size: self.live.page_size,
             buffer: self.live.buffer,
             heartbeat: self.live.heartbeat_interval,
@@ -831,7 +831,7 @@ impl Config {
                 lease_timeout: self.groups.lease_timeout,
                 renew_interval: self.groups.renew_interval,
             },
-            locks: crate::live::locks::LockConfig {
+            locks: crate::live::context::LockConfig {
                 lease_timeout: self.locks.lease_timeout,
                 poll: self.locks.poll_interval,
                 channel: self.database.locks_channel.clone(),

@@ -1,14 +1,8 @@
-//! The domain error type, and its one mapping to gRPC status codes.
+//! The error type shared by the store, live delivery and configuration: what went wrong, with the
+//! facts a caller needs to act on it. It knows nothing of the wire; [`crate::grpc::status`] maps it
+//! to gRPC status codes, in one place.
 
-use std::collections::HashMap;
-
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
-
-use crate::store::{ExpectedVersion, StreamState};
-
-/// The `domain` of every `google.rpc.ErrorInfo` pgstore returns.
-pub const ERROR_DOMAIN: &str = "pgstore.v1";
+use crate::domain::{ExpectedVersion, StreamState};
 
 /// Result with the domain error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -127,6 +121,12 @@ pub enum Error {
     Internal(String),
 }
 
+impl From<crate::domain::UnknownStreamState> for Error {
+    fn from(e: crate::domain::UnknownStreamState) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
 /// An error and its sources, on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -180,115 +180,5 @@ impl Error {
             Error::ShuttingDown => "SHUTTING_DOWN",
             Error::Internal(_) => "INTERNAL",
         }
-    }
-}
-
-impl From<Error> for Status {
-    fn from(err: Error) -> Status {
-        let message = err.to_string();
-        let info = |meta: Vec<(&str, String)>| {
-            let meta: HashMap<String, String> =
-                meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            ErrorDetails::with_error_info(err.reason(), ERROR_DOMAIN, meta)
-        };
-        let (code, details) = match &err {
-            Error::InvalidArgument { field, reason } => (
-                Code::InvalidArgument,
-                ErrorDetails::with_bad_request_violation(field.clone(), reason.clone()),
-            ),
-            Error::TooLarge {
-                what,
-                limit,
-                actual,
-            } => (
-                Code::ResourceExhausted,
-                info(vec![
-                    ("what", what.clone()),
-                    ("limit", limit.to_string()),
-                    ("actual", actual.to_string()),
-                ]),
-            ),
-            Error::WrongExpectedVersion {
-                stream_id,
-                expected,
-                actual,
-            } => (
-                Code::Aborted,
-                info(vec![
-                    ("stream_id", stream_id.clone()),
-                    ("expected_version", expected.to_string()),
-                    ("actual_version", actual.to_string()),
-                ]),
-            ),
-            Error::StreamNotFound { stream_id } => {
-                (Code::NotFound, info(vec![("stream_id", stream_id.clone())]))
-            }
-            Error::StreamState {
-                stream_id, state, ..
-            } => (
-                Code::FailedPrecondition,
-                info(vec![
-                    ("stream_id", stream_id.clone()),
-                    ("state", state.to_string()),
-                ]),
-            ),
-            Error::EventIdConflict {
-                event_id,
-                stream_id,
-                version,
-            } => (
-                Code::AlreadyExists,
-                info(vec![
-                    ("event_id", event_id.to_string()),
-                    ("stream_id", stream_id.clone()),
-                    ("version", version.to_string()),
-                ]),
-            ),
-            Error::IdempotencyKeyConflict { key, stream_id } => (
-                Code::AlreadyExists,
-                info(vec![
-                    ("idempotency_key", key.clone()),
-                    ("stream_id", stream_id.clone()),
-                ]),
-            ),
-            Error::SnapshotAhead {
-                stream_id,
-                snapshot_version,
-                stream_version,
-            } => (
-                Code::FailedPrecondition,
-                info(vec![
-                    ("stream_id", stream_id.clone()),
-                    ("snapshot_version", snapshot_version.to_string()),
-                    ("stream_version", stream_version.to_string()),
-                ]),
-            ),
-            Error::Unavailable(_) | Error::ShuttingDown => (Code::Unavailable, info(vec![])),
-            Error::CommitOutcomeUnknown(_) => (Code::Unavailable, info(vec![])),
-            Error::Conflict(_) => (Code::Aborted, info(vec![])),
-            Error::Timeout(_) => (Code::DeadlineExceeded, info(vec![])),
-            Error::LimitReached { setting, limit, .. } => (
-                Code::ResourceExhausted,
-                info(vec![
-                    ("setting", setting.to_string()),
-                    ("limit", limit.clone()),
-                ]),
-            ),
-            Error::CheckpointAhead {
-                consumer_id,
-                sequence,
-                head,
-            } => (
-                Code::FailedPrecondition,
-                info(vec![
-                    ("consumer_id", consumer_id.clone()),
-                    ("sequence", sequence.to_string()),
-                    ("head", head.to_string()),
-                ]),
-            ),
-            Error::PermissionDenied(_) => (Code::PermissionDenied, info(vec![])),
-            Error::Internal(_) => (Code::Internal, info(vec![])),
-        };
-        Status::with_error_details(code, message, details)
     }
 }

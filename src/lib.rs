@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`codec`]: the gRPC codec (prost with small stream buffers).
+//! - [`domain`]: streams, versions and events, independent of PostgreSQL and gRPC.
 //! - [`config`]: layered configuration (defaults < TOML file < `PGSTORE_*` env < flags), validated.
 //! - [`server`]: wiring of the gRPC services, health, reflection and graceful shutdown.
 //! - [`grpc`]: the `pgstore.v1.EventStore` service: request validation, proto <-> domain, status codes.
@@ -16,6 +17,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod domain;
 pub mod embedded;
 pub mod error;
 pub mod grpc;

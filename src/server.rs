@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::grpc::EventStoreService;
 use crate::live::{
     Hub,
+    context::LiveContext,
     listener::{self, ListenerConfig},
-    subscribe::LiveContext,
 };
 use crate::metrics::Metrics;
 use crate::proto::{self, event_store_server::EventStoreServer};

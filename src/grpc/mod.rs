@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod deadline;
+pub mod status;
 pub mod validate;
 
 use std::{
@@ -17,8 +18,10 @@ use tonic::{Request, Response, Status};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::live::{
-    Change, locks,
-    subscribe::{self, Budget, LiveContext, Subscription},
+    Change,
+    context::LiveContext,
+    locks,
+    subscribe::{self, Budget, Subscription},
     watch,
 };
 use crate::metrics::Metrics;

@@ -19,22 +19,11 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use uuid::Uuid;
 
-use super::subscribe::LiveContext;
+use super::context::{LiveContext, LockConfig};
 use crate::error::Error;
 use crate::metrics::GaugeGuard;
 use crate::proto::{self, lock_response::Message};
 use crate::store::db;
-
-/// Lock settings.
-#[derive(Debug, Clone)]
-pub struct LockConfig {
-    /// A lease not renewed for this long expires.
-    pub lease_timeout: Duration,
-    /// How often a waiting acquirer retries without a wake-up.
-    pub poll: Duration,
-    /// The NOTIFY channel of releases.
-    pub channel: String,
-}
 
 /// Takes the lock if it is free; otherwise says how long the holder's lease has left (in ms), so a
 /// waiter whose holder vanished retries the moment the lease runs out.

@@ -2,6 +2,7 @@
 //! (log heads through a `watch`, projection changes through a `broadcast`), subscriptions, consumer
 //! groups and change watchers.
 
+pub mod context;
 pub mod groups;
 pub mod listener;
 pub mod locks;

@@ -20,33 +20,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tonic::Status;
 
-use super::{Hub, groups};
+use super::{context::LiveContext, groups};
 use crate::error::Error;
 use crate::metrics::GaugeGuard;
 use crate::proto::{self, subscribe_response::Message};
 use crate::store::{Store, db, read};
 use crate::wire::{EncodedEvent, Frame};
-
-/// Live-delivery settings.
-#[derive(Debug, Clone)]
-pub struct LiveConfig {
-    /// Events per catch-up read.
-    pub page_size: u32,
-    /// Messages buffered per subscriber.
-    pub buffer: usize,
-    /// Heartbeat after this much silence.
-    pub heartbeat: Duration,
-    /// Safety-net poll while live.
-    pub poll_interval: Duration,
-    /// Consumer group settings.
-    pub groups: groups::GroupConfig,
-    /// Lock settings.
-    pub locks: super::locks::LockConfig,
-    /// Bytes that may wait in one subscriber's queue.
-    pub max_buffered_bytes: usize,
-    /// How long a full queue may stay full before the subscriber is cut off.
-    pub stall_timeout: Duration,
-}
 
 /// A validated Subscribe request.
 #[derive(Debug, Clone)]
@@ -59,42 +38,6 @@ pub struct Subscription {
     pub stream_prefix: String,
     /// Consumer group membership.
     pub group: Option<(String, String)>,
-}
-
-/// What a subscriber task needs.
-#[derive(Clone)]
-pub struct LiveContext {
-    /// Where reads go.
-    pub store: Store,
-    /// The hub.
-    pub hub: Arc<Hub>,
-    /// Settings.
-    pub config: LiveConfig,
-    /// Cancelled at server shutdown: streams end with UNAVAILABLE.
-    pub shutdown: CancellationToken,
-    /// Slots for long-lived calls (Subscribe, WatchChanges, Lock): `server.max_subscribers`.
-    pub slots: Arc<tokio::sync::Semaphore>,
-    /// The number of slots, for messages.
-    pub max_subscribers: usize,
-}
-
-impl LiveContext {
-    /// A slot for one long-lived call, held until the returned permit is dropped; refused with
-    /// RESOURCE_EXHAUSTED when every slot is taken.
-    pub fn take_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
-        self.slots.clone().try_acquire_owned().map_err(|_| {
-            self.hub
-                .metrics
-                .limit_rejections
-                .fetch_add(1, Ordering::Relaxed);
-            Error::LimitReached {
-                setting: "server.max_subscribers",
-                limit: self.max_subscribers.to_string(),
-                message: "too many open Subscribe, WatchChanges and Lock calls on this instance"
-                    .into(),
-            }
-        })
-    }
 }
 
 /// What waits in one subscriber's queue, in bytes, and how the consumer side says it took some;

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tonic::Status;
 
-use super::subscribe::LiveContext;
+use super::context::LiveContext;
 use crate::metrics::GaugeGuard;
 use crate::proto::{self, watch_changes_response::Message};
 

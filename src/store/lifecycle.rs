@@ -106,7 +106,7 @@ async fn transition(
         };
         let state = match StreamState::from_code(row.get(0)) {
             Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Err(e.into())),
         };
         if state == StreamState::Tombstoned {
             return Ok(Err(Error::StreamState {
