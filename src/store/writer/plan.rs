@@ -1,0 +1,663 @@
+//! Planning a batch, in memory and without I/O: each append checked in queue order against the
+//! stream versions as its batch-mates leave them (a conflict fails alone), retries recognised by
+//! idempotency key or client event ids, and the rows laid out column by column for the one
+//! statement that writes them. Also the writer's memory of the database between commits, which
+//! lets a batch be planned without reading first.
+
+use std::{collections::HashMap, time::SystemTime};
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::store::{
+    AppendCommand, AppendOutcome, Payload, StreamState, db::JsonRef, ids::AssignedIds,
+    partition_key,
+};
+
+/// Most streams remembered (beyond it the memory starts afresh).
+pub(super) const REMEMBERED_STREAMS: usize = 100_000;
+
+/// What the writer knows of the database from its own transactions (and, while batches are in
+/// flight, what it will know once they commit).
+#[derive(Default)]
+pub(super) struct Memory {
+    /// The log head after the last transaction, if known.
+    pub(super) head: Option<u64>,
+    /// Stream versions and states as last seen or written.
+    pub(super) streams: HashMap<String, (u64, StreamState)>,
+    /// No one-round-trip attempt before this.
+    pub(super) rest_until: Option<std::time::Instant>,
+}
+
+impl Memory {
+    pub(super) fn forget(&mut self) {
+        self.head = None;
+        self.streams.clear();
+    }
+
+    pub(super) fn remember(
+        &mut self,
+        head: u64,
+        streams: impl IntoIterator<Item = (String, (u64, StreamState))>,
+    ) {
+        if self.streams.len() > REMEMBERED_STREAMS {
+            self.streams.clear();
+        }
+        self.head = Some(head);
+        self.streams.extend(streams);
+    }
+
+    /// A stream as just written (a stream already remembered costs no allocation).
+    pub(super) fn set(&mut self, stream: &str, version: (u64, StreamState)) {
+        match self.streams.get_mut(stream) {
+            Some(v) => *v = version,
+            None => {
+                self.streams.insert(stream.to_owned(), version);
+            }
+        }
+    }
+
+    /// A snapshot to plan `cmds` from without reading, if every stream is remembered.
+    pub(super) fn snapshot(&self, cmds: &[&AppendCommand]) -> Option<Snapshot> {
+        let head = self.head?;
+        if self
+            .rest_until
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return None;
+        }
+        let mut streams = HashMap::new();
+        for c in cmds {
+            let s = self.streams.get(c.stream_id.as_str())?;
+            streams.insert(c.stream_id.clone(), *s);
+        }
+        Some(Snapshot {
+            head,
+            streams,
+            event_ids: HashMap::new(),
+            keys: HashMap::new(),
+        })
+    }
+}
+
+/// Where an already-stored event or keyed append sits.
+#[derive(Clone)]
+pub(super) struct Stored {
+    pub(super) stream_id: String,
+    pub(super) version: u64,
+    pub(super) seq: u64,
+}
+
+/// What phase 1 read under the lock.
+pub(super) struct Snapshot {
+    pub(super) head: u64,
+    pub(super) streams: HashMap<String, (u64, StreamState)>,
+    pub(super) event_ids: HashMap<Uuid, Stored>,
+    pub(super) keys: HashMap<String, AppendOutcomeWithStream>,
+}
+
+#[derive(Clone)]
+pub(super) struct AppendOutcomeWithStream {
+    pub(super) stream_id: String,
+    pub(super) outcome: AppendOutcome,
+}
+
+/// The rows of one transaction, column by column.
+/// Columns borrow from the appends: payloads are not copied on their way to the database.
+#[derive(Default)]
+pub(super) struct Rows<'a> {
+    pub(super) seq: Vec<i64>,
+    pub(super) stream_id: Vec<&'a str>,
+    pub(super) version: Vec<i64>,
+    pub(super) event_id: Vec<Uuid>,
+    pub(super) event_type: Vec<&'a str>,
+    pub(super) content_type: Vec<&'a str>,
+    pub(super) data: Vec<Option<JsonRef<'a>>>,
+    pub(super) data_bytes: Vec<Option<&'a [u8]>>,
+    pub(super) metadata: Vec<Option<JsonRef<'a>>>,
+    pub(super) created_at: Vec<Option<SystemTime>>,
+    pub(super) partition_key: Vec<i64>,
+    /// Each stream written, once, with its final version.
+    pub(super) upsert_stream: Vec<&'a str>,
+    pub(super) upsert_version: Vec<i64>,
+}
+
+/// The idempotency keys to record, column by column.
+#[derive(Default)]
+pub(super) struct Keys<'a> {
+    pub(super) key: Vec<&'a str>,
+    pub(super) stream_id: Vec<&'a str>,
+    pub(super) version: Vec<i64>,
+    pub(super) first: Vec<i64>,
+    pub(super) last: Vec<i64>,
+}
+
+/// Phase 3's rows and keys: the events of every append that `results` say are written (a new,
+/// successful outcome), at the sequences and versions the outcomes give.
+pub(super) fn lay_out<'a>(
+    cmds: &[&'a AppendCommand],
+    results: &[Result<AppendOutcome>],
+    ids: AssignedIds,
+) -> (Rows<'a>, Keys<'a>) {
+    let mut rows = Rows::default();
+    let mut keys = Keys::default();
+    let mut upserted: HashMap<&str, usize> = HashMap::new();
+    for (cmd, result) in cmds.iter().zip(results) {
+        let Ok(o) = result else { continue };
+        if o.duplicate {
+            continue;
+        }
+        let first_version = o.version + 1 - cmd.events.len() as u64;
+        let pk = i64::from(partition_key(&cmd.stream_id));
+        for (i, e) in cmd.events.iter().enumerate() {
+            let seq = o.first_sequence + i as u64;
+            rows.seq.push(seq as i64);
+            rows.stream_id.push(&cmd.stream_id);
+            rows.version.push((first_version + i as u64) as i64);
+            rows.event_id.push(if cmd.client_event_ids {
+                e.event_id
+            } else {
+                ids.id(seq)
+            });
+            rows.event_type.push(&e.event_type);
+            rows.content_type.push(&e.content_type);
+            match &e.payload {
+                Payload::Json(s) => {
+                    rows.data.push(Some(JsonRef(s)));
+                    rows.data_bytes.push(None);
+                }
+                Payload::Bytes(b) => {
+                    rows.data.push(None);
+                    rows.data_bytes.push(Some(b));
+                }
+            }
+            rows.metadata.push(e.metadata.as_deref().map(JsonRef));
+            rows.created_at.push(e.timestamp);
+            rows.partition_key.push(pk);
+        }
+        match upserted.get(cmd.stream_id.as_str()) {
+            Some(&i) => rows.upsert_version[i] = o.version as i64,
+            None => {
+                upserted.insert(&cmd.stream_id, rows.upsert_stream.len());
+                rows.upsert_stream.push(&cmd.stream_id);
+                rows.upsert_version.push(o.version as i64);
+            }
+        }
+        if let Some(key) = cmd.idempotency_key.as_deref() {
+            keys.key.push(key);
+            keys.stream_id.push(&cmd.stream_id);
+            keys.version.push(o.version as i64);
+            keys.first.push(o.first_sequence as i64);
+            keys.last.push(o.last_sequence as i64);
+        }
+    }
+    (rows, keys)
+}
+
+/// What one planning pass decided.
+pub(super) struct Plan<'a> {
+    /// Each append's result, in queue order.
+    pub(super) results: Vec<Result<AppendOutcome>>,
+    /// The head after the batch.
+    pub(super) new_head: u64,
+    /// Each stream written, with its version after the batch.
+    pub(super) streams: Vec<(&'a str, u64)>,
+}
+
+impl Plan<'_> {
+    /// Whether every append is written as new: the batch can go the one-round-trip way.
+    pub(super) fn clean(&self) -> bool {
+        !self.results.is_empty()
+            && self
+                .results
+                .iter()
+                .all(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
+    }
+}
+
+/// Phase 2 in memory: checks each append in order against the snapshot and its batch-mates.
+pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: AssignedIds) -> Plan<'a> {
+    let mut results = Vec::with_capacity(cmds.len());
+    let mut streams: HashMap<&str, (u64, StreamState)> = HashMap::new();
+    let mut batch_ids: HashMap<Uuid, Stored> = HashMap::new();
+    let mut batch_keys: HashMap<&str, AppendOutcomeWithStream> = HashMap::new();
+    let mut touched: Vec<&str> = Vec::new();
+    let mut next_seq = snap.head + 1;
+
+    for cmd in cmds {
+        // A retry by idempotency key.
+        if let Some(key) = cmd.idempotency_key.as_deref() {
+            let prior = batch_keys.get(key).or_else(|| snap.keys.get(key));
+            if let Some(prior) = prior {
+                results.push(if prior.stream_id == cmd.stream_id {
+                    Ok(AppendOutcome {
+                        duplicate: true,
+                        ..prior.outcome
+                    })
+                } else {
+                    Err(Error::IdempotencyKeyConflict {
+                        key: key.to_owned(),
+                        stream_id: prior.stream_id.clone(),
+                    })
+                });
+                continue;
+            }
+        }
+        // A retry by event ids.
+        if cmd.client_event_ids
+            && let Some(r) = retry_by_event_ids(cmd, &snap.event_ids, &batch_ids)
+        {
+            results.push(r);
+            continue;
+        }
+        // An id of this store's own form that no stored event has would be given again to the
+        // event at its sequence.
+        if cmd.client_event_ids
+            && let Some((i, e)) = cmd
+                .events
+                .iter()
+                .enumerate()
+                .find(|(_, e)| ids.seq(&e.event_id).is_some())
+        {
+            results.push(Err(Error::invalid(
+                format!("events[{i}].event_id"),
+                format!(
+                    "{} is of the form this store gives the events it assigns ids to, \
+                     and no stored event has it",
+                    e.event_id
+                ),
+            )));
+            continue;
+        }
+        let (version, state) = *streams.entry(cmd.stream_id.as_str()).or_insert_with(|| {
+            snap.streams
+                .get(cmd.stream_id.as_str())
+                .copied()
+                .unwrap_or((0, StreamState::Active))
+        });
+        if state != StreamState::Active {
+            results.push(Err(Error::StreamState {
+                stream_id: cmd.stream_id.clone(),
+                state,
+                operation: "append",
+            }));
+            continue;
+        }
+        if !cmd.expected.admits(version) {
+            results.push(Err(Error::WrongExpectedVersion {
+                stream_id: cmd.stream_id.clone(),
+                expected: cmd.expected,
+                actual: version,
+            }));
+            continue;
+        }
+        let first = next_seq;
+        let n = cmd.events.len() as u64;
+        if cmd.client_event_ids {
+            for (i, e) in cmd.events.iter().enumerate() {
+                batch_ids.insert(
+                    e.event_id,
+                    Stored {
+                        stream_id: cmd.stream_id.clone(),
+                        version: version + 1 + i as u64,
+                        seq: first + i as u64,
+                    },
+                );
+            }
+        }
+        next_seq += n;
+        let new_version = version + n;
+        streams.insert(cmd.stream_id.as_str(), (new_version, state));
+        if !touched.contains(&cmd.stream_id.as_str()) {
+            touched.push(cmd.stream_id.as_str());
+        }
+        let outcome = AppendOutcome {
+            version: new_version,
+            first_sequence: first,
+            last_sequence: next_seq - 1,
+            duplicate: false,
+        };
+        if let Some(key) = cmd.idempotency_key.as_deref() {
+            batch_keys.insert(
+                key,
+                AppendOutcomeWithStream {
+                    stream_id: cmd.stream_id.clone(),
+                    outcome,
+                },
+            );
+        }
+        results.push(Ok(outcome));
+    }
+    let streams = touched.into_iter().map(|s| (s, streams[s].0)).collect();
+    Plan {
+        results,
+        new_head: next_seq - 1,
+        streams,
+    }
+}
+
+/// Whether an append whose client event ids are (partly) stored already is a retry of a committed
+/// append (then its original result), a conflict, or new (`None`).
+pub(super) fn retry_by_event_ids(
+    cmd: &AppendCommand,
+    stored: &HashMap<Uuid, Stored>,
+    batch: &HashMap<Uuid, Stored>,
+) -> Option<Result<AppendOutcome>> {
+    let found: Vec<Option<&Stored>> = cmd
+        .events
+        .iter()
+        .map(|e| batch.get(&e.event_id).or_else(|| stored.get(&e.event_id)))
+        .collect();
+    let first_found = found.iter().position(Option::is_some)?;
+    let all_found = found.iter().all(Option::is_some);
+    if all_found {
+        let first = found[0].expect("all found");
+        let same_append = found.iter().enumerate().all(|(i, s)| {
+            let s = s.expect("all found");
+            s.stream_id == cmd.stream_id
+                && s.version == first.version + i as u64
+                && s.seq == first.seq + i as u64
+        });
+        if same_append {
+            let last = found[found.len() - 1].expect("all found");
+            return Some(Ok(AppendOutcome {
+                version: last.version,
+                first_sequence: first.seq,
+                last_sequence: last.seq,
+                duplicate: true,
+            }));
+        }
+    }
+    let s = found[first_found].expect("position found it");
+    Some(Err(Error::EventIdConflict {
+        event_id: cmd.events[first_found].event_id,
+        stream_id: s.stream_id.clone(),
+        version: s.version,
+    }))
+}
+
+/// What `pgstore.append_batch` is to prove, in a one-round-trip commit: the head and the stream
+/// versions the batch was planned from.
+pub(super) struct Check {
+    pub(super) head: i64,
+    pub(super) stream_ids: Vec<String>,
+    pub(super) versions: Vec<i64>,
+}
+
+impl Check {
+    pub(super) fn of(snapshot: Snapshot) -> Check {
+        let (stream_ids, versions) = snapshot
+            .streams
+            .into_iter()
+            .map(|(s, (v, _))| (s, v as i64))
+            .unzip();
+        Check {
+            head: snapshot.head as i64,
+            stream_ids,
+            versions,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ExpectedVersion, NewEvent};
+
+    const IDS: AssignedIds = AssignedIds::new(0x1234_5678_9abc);
+
+    fn cmd(stream: &str, expected: ExpectedVersion, n: usize) -> AppendCommand {
+        AppendCommand {
+            stream_id: stream.into(),
+            expected,
+            events: (0..n)
+                .map(|_| NewEvent {
+                    event_id: Uuid::new_v4(),
+                    event_type: "t".into(),
+                    content_type: "application/json".into(),
+                    payload: Payload::Json("{}".into()),
+                    metadata: None,
+                    timestamp: None,
+                })
+                .collect(),
+            client_event_ids: false,
+            idempotency_key: None,
+        }
+    }
+
+    #[test]
+    fn a_conflicting_append_fails_alone_and_batch_mates_see_each_other() {
+        let snap = Snapshot {
+            head: 10,
+            streams: HashMap::from([("a".to_string(), (2, StreamState::Active))]),
+            event_ids: HashMap::new(),
+            keys: HashMap::new(),
+        };
+        let c1 = cmd("a", ExpectedVersion::Exact(2), 2);
+        let c2 = cmd("a", ExpectedVersion::Exact(2), 1); // stale after c1
+        let c3 = cmd("a", ExpectedVersion::Exact(4), 1);
+        let c4 = cmd("b", ExpectedVersion::NoStream, 1);
+        let cmds = [&c1, &c2, &c3, &c4];
+        let Plan {
+            results,
+            new_head,
+            streams,
+        } = plan(&cmds, &snap, IDS);
+        let (rows, _) = lay_out(&cmds, &results, IDS);
+        assert_eq!(new_head, 14);
+        assert_eq!(streams, vec![("a", 5), ("b", 1)]);
+        assert_eq!(rows.upsert_stream, vec!["a", "b"]);
+        assert_eq!(rows.upsert_version, vec![5, 1]);
+        assert_eq!(rows.seq, vec![11, 12, 13, 14]);
+        assert_eq!(rows.version, vec![3, 4, 5, 1]);
+        assert!(matches!(
+            results[0],
+            Ok(AppendOutcome {
+                version: 4,
+                first_sequence: 11,
+                last_sequence: 12,
+                ..
+            })
+        ));
+        assert!(matches!(
+            results[1],
+            Err(Error::WrongExpectedVersion { actual: 4, .. })
+        ));
+        assert!(matches!(results[2], Ok(AppendOutcome { version: 5, .. })));
+        assert!(matches!(
+            results[3],
+            Ok(AppendOutcome {
+                version: 1,
+                first_sequence: 14,
+                ..
+            })
+        ));
+    }
+
+    fn empty(head: u64, streams: &[(&str, u64, StreamState)]) -> Snapshot {
+        Snapshot {
+            head,
+            streams: streams
+                .iter()
+                .map(|(s, v, st)| (s.to_string(), (*v, *st)))
+                .collect(),
+            event_ids: HashMap::new(),
+            keys: HashMap::new(),
+        }
+    }
+
+    fn keyed(stream: &str, key: &str) -> AppendCommand {
+        AppendCommand {
+            idempotency_key: Some(key.into()),
+            ..cmd(stream, ExpectedVersion::Any, 1)
+        }
+    }
+
+    #[test]
+    fn a_key_seen_before_or_earlier_in_the_batch_is_a_retry_and_writes_nothing() {
+        let mut snap = empty(5, &[("a", 1, StreamState::Active)]);
+        let stored = AppendOutcome {
+            version: 1,
+            first_sequence: 3,
+            last_sequence: 3,
+            duplicate: true,
+        };
+        snap.keys.insert(
+            "k-old".into(),
+            AppendOutcomeWithStream {
+                stream_id: "a".into(),
+                outcome: stored,
+            },
+        );
+        let (old, new1, new2, other) = (
+            keyed("a", "k-old"),
+            keyed("a", "k-new"),
+            keyed("a", "k-new"),
+            keyed("b", "k-new"),
+        );
+        let cmds = [&old, &new1, &new2, &other];
+        let p = plan(&cmds, &snap, IDS);
+        assert_eq!(p.results[0].as_ref().unwrap(), &stored);
+        let first = *p.results[1].as_ref().unwrap();
+        assert!(!first.duplicate && first.first_sequence == 6);
+        let again = p.results[2].as_ref().unwrap();
+        assert!(again.duplicate && again.first_sequence == 6, "same answer");
+        assert!(matches!(
+            p.results[3],
+            Err(Error::IdempotencyKeyConflict { .. })
+        ));
+        assert_eq!(p.new_head, 6, "one event written in all");
+        assert!(!p.clean(), "retries go the reading way");
+        let (rows, keys) = lay_out(&cmds, &p.results, IDS);
+        assert_eq!(rows.seq, vec![6]);
+        assert_eq!(keys.key, vec!["k-new"]);
+    }
+
+    #[test]
+    fn client_event_ids_make_a_retry_only_when_they_match_a_whole_append() {
+        let mut original = cmd("a", ExpectedVersion::Any, 2);
+        original.client_event_ids = true;
+        let mut snap = empty(10, &[("a", 2, StreamState::Active)]);
+        for (i, e) in original.events.iter().enumerate() {
+            snap.event_ids.insert(
+                e.event_id,
+                Stored {
+                    stream_id: "a".into(),
+                    version: 1 + i as u64,
+                    seq: 7 + i as u64,
+                },
+            );
+        }
+        let mut partial = cmd("a", ExpectedVersion::Any, 2);
+        partial.client_event_ids = true;
+        partial.events[0].event_id = original.events[1].event_id;
+        let mut elsewhere = original.clone();
+        elsewhere.stream_id = "b".into();
+        let cmds = [&original, &partial, &elsewhere];
+        let p = plan(&cmds, &snap, IDS);
+        assert_eq!(
+            p.results[0].as_ref().unwrap(),
+            &AppendOutcome {
+                version: 2,
+                first_sequence: 7,
+                last_sequence: 8,
+                duplicate: true
+            }
+        );
+        assert!(matches!(
+            p.results[1],
+            Err(Error::EventIdConflict { version: 2, .. })
+        ));
+        assert!(matches!(p.results[2], Err(Error::EventIdConflict { .. })));
+        assert_eq!(p.new_head, 10, "nothing written");
+    }
+
+    #[test]
+    fn an_id_of_the_stores_own_form_that_no_event_has_is_refused() {
+        let mut c = cmd("a", ExpectedVersion::Any, 1);
+        c.client_event_ids = true;
+        c.events[0].event_id = IDS.id(99);
+        let p = plan(&[&c], &empty(10, &[]), IDS);
+        assert!(matches!(p.results[0], Err(Error::InvalidArgument { .. })));
+    }
+
+    #[test]
+    fn archived_and_tombstoned_streams_refuse_appends_and_expectations_are_checked() {
+        let snap = empty(
+            3,
+            &[
+                ("arch", 1, StreamState::Archived),
+                ("dead", 2, StreamState::Tombstoned),
+                ("live", 3, StreamState::Active),
+            ],
+        );
+        let cases = [
+            cmd("arch", ExpectedVersion::Any, 1),
+            cmd("dead", ExpectedVersion::Any, 1),
+            cmd("live", ExpectedVersion::NoStream, 1),
+            cmd("new", ExpectedVersion::StreamExists, 1),
+            cmd("live", ExpectedVersion::StreamExists, 1),
+            cmd("new", ExpectedVersion::NoStream, 1),
+        ];
+        let cmds: Vec<&AppendCommand> = cases.iter().collect();
+        let p = plan(&cmds, &snap, IDS);
+        assert!(matches!(
+            p.results[0],
+            Err(Error::StreamState {
+                state: StreamState::Archived,
+                ..
+            })
+        ));
+        assert!(matches!(
+            p.results[1],
+            Err(Error::StreamState {
+                state: StreamState::Tombstoned,
+                ..
+            })
+        ));
+        assert!(matches!(
+            p.results[2],
+            Err(Error::WrongExpectedVersion { actual: 3, .. })
+        ));
+        assert!(matches!(
+            p.results[3],
+            Err(Error::WrongExpectedVersion { actual: 0, .. })
+        ));
+        assert!(matches!(
+            p.results[4],
+            Ok(AppendOutcome {
+                version: 4,
+                first_sequence: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            p.results[5],
+            Ok(AppendOutcome {
+                version: 1,
+                first_sequence: 5,
+                ..
+            })
+        ));
+        assert_eq!(p.streams, vec![("live", 4), ("new", 1)]);
+    }
+
+    #[test]
+    fn the_memory_plans_only_what_it_remembers_and_rests_after_a_stale_check() {
+        let mut m = Memory::default();
+        let a = cmd("a", ExpectedVersion::Any, 1);
+        let b = cmd("b", ExpectedVersion::Any, 1);
+        assert!(m.snapshot(&[&a]).is_none(), "nothing known yet");
+        m.remember(7, [("a".to_string(), (2, StreamState::Active))]);
+        let snap = m.snapshot(&[&a]).expect("a is remembered");
+        assert_eq!((snap.head, snap.streams["a"].0), (7, 2));
+        assert!(m.snapshot(&[&a, &b]).is_none(), "b is not");
+        m.set("b", (1, StreamState::Active));
+        assert!(m.snapshot(&[&a, &b]).is_some());
+        m.rest_until = Some(std::time::Instant::now() + std::time::Duration::from_secs(60));
+        assert!(m.snapshot(&[&a]).is_none(), "resting");
+        m.rest_until = None;
+        m.forget();
+        assert!(m.snapshot(&[&a]).is_none(), "forgotten");
+    }
+}
