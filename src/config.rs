@@ -504,26 +504,14 @@ impl Default for ServerSection {
     }
 }
 
-/// Values given on the command line; they override everything else.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    /// `--listen`.
-    pub listen: Option<String>,
-    /// `--database-url`.
-    pub database_url: Option<String>,
-    /// `--database-url-file`.
-    pub database_url_file: Option<PathBuf>,
-    /// `--replica-url` (repeatable).
-    pub replica_urls: Vec<String>,
-    /// `--data-dir`.
-    pub data_dir: Option<PathBuf>,
-    /// `--metrics-listen`.
-    pub metrics_listen: Option<String>,
-}
+/// A command-line flag: the key of the setting it overrides (as in the file: `listen`,
+/// `database.pool_size`) and its value. Flags are the last layer, over the same model as every
+/// other layer: there is no separate command-line shape of the settings.
+pub type Flag = (&'static str, config::Value);
 
 impl Config {
-    /// Loads defaults < `file` < `PGSTORE_*` environment < `overrides`, then validates.
-    pub fn load(file: Option<&std::path::Path>, overrides: Overrides) -> Result<Config> {
+    /// Loads defaults < `file` < `PGSTORE_*` environment < `flags`, then validates.
+    pub fn load(file: Option<&std::path::Path>, flags: Vec<Flag>) -> Result<Config> {
         let bad = |e: config::ConfigError| Error::invalid("configuration", e.to_string());
         let defaults = config::Config::try_from(&Config::default()).map_err(bad)?;
         let mut builder = config::Config::builder().add_source(defaults);
@@ -544,20 +532,14 @@ impl Config {
                 .with_list_parse_key("auth.read_tokens")
                 .try_parsing(true),
         );
+        for (key, value) in flags {
+            builder = builder.set_override(key, value).map_err(bad)?;
+        }
         let mut config: Config = builder
             .build()
             .map_err(bad)?
             .try_deserialize()
             .map_err(bad)?;
-        if let Some(v) = overrides.listen {
-            config.listen = v;
-        }
-        if let Some(v) = overrides.database_url {
-            config.database_url = Some(v);
-        }
-        if let Some(v) = overrides.database_url_file {
-            config.database_url_file = Some(v);
-        }
         if config.database_url.is_none()
             && let Some(path) = &config.database_url_file
         {
@@ -572,15 +554,6 @@ impl Config {
                 ));
             }
             config.database_url = Some(url);
-        }
-        if !overrides.replica_urls.is_empty() {
-            config.replica_urls = overrides.replica_urls;
-        }
-        if let Some(v) = overrides.data_dir {
-            config.data_dir = v;
-        }
-        if let Some(v) = overrides.metrics_listen {
-            config.metrics_listen = Some(v);
         }
         config.validate()?;
         Ok(config)
@@ -998,22 +971,95 @@ mod tests {
             "listen = \"127.0.0.1:6000\"\n[database]\npool_size = 3\nconnect_timeout = \"250ms\"\n",
         )
         .unwrap();
-        let c = Config::load(Some(&path), Overrides::default()).unwrap();
+        let c = Config::load(Some(&path), Vec::new()).unwrap();
         assert_eq!(c.listen, "127.0.0.1:6000");
         assert_eq!(c.database.pool_size, 3);
         assert_eq!(c.database.connect_timeout, Duration::from_millis(250));
-        let c = Config::load(
-            Some(&path),
-            Overrides {
-                listen: Some("127.0.0.1:7000".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let c = Config::load(Some(&path), vec![("listen", "127.0.0.1:7000".into())]).unwrap();
         assert_eq!(c.listen, "127.0.0.1:7000");
         std::fs::write(&path, "nonsense_key = 1\n").unwrap();
-        assert!(Config::load(Some(&path), Overrides::default()).is_err());
+        assert!(Config::load(Some(&path), Vec::new()).is_err());
         std::fs::write(&path, "[database]\nevents_channel = \"bad-name\"\n").unwrap();
-        assert!(Config::load(Some(&path), Overrides::default()).is_err());
+        assert!(Config::load(Some(&path), Vec::new()).is_err());
+    }
+
+    /// Every setting of the model as `(dotted key, default as JSON)`.
+    fn settings() -> Vec<(String, serde_json::Value)> {
+        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                other => out.push((prefix.to_owned(), other.clone())),
+            }
+        }
+        let mut out = Vec::new();
+        walk(
+            "",
+            &serde_json::to_value(Config::default()).unwrap(),
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn the_documented_settings_are_the_model() {
+        let doc = include_str!("../docs/configuration.md");
+        let rows: std::collections::BTreeMap<String, Vec<String>> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<String> = l
+                    .trim_matches('|')
+                    .split(" | ")
+                    .map(|c| c.trim().to_owned())
+                    .collect();
+                (cells[0].trim_matches('`').to_owned(), cells)
+            })
+            .collect();
+        let model = settings();
+        let mut wrong = Vec::new();
+        for (key, default) in &model {
+            let Some(row) = rows.get(key) else {
+                wrong.push(format!("{key} is not in docs/configuration.md"));
+                continue;
+            };
+            let env = format!("PGSTORE_{}", key.to_uppercase().replace('.', "__"));
+            if !row[1].contains(&env) {
+                wrong.push(format!("{key}: the row should name {env}"));
+            }
+            let shown = match default {
+                serde_json::Value::Null => None,
+                serde_json::Value::Array(a) if a.is_empty() => None,
+                serde_json::Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            };
+            let ok = match &shown {
+                None => row[2].starts_with("none"),
+                Some(v) => row[2].contains(&format!("`{v}`")),
+            };
+            if !ok {
+                wrong.push(format!(
+                    "{key}: the default is {}, the table says {}",
+                    shown.as_deref().unwrap_or("none"),
+                    row[2]
+                ));
+            }
+        }
+        for key in rows.keys() {
+            if !model.iter().any(|(k, _)| k == key) {
+                wrong.push(format!(
+                    "docs/configuration.md documents {key}, which is not a setting"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
     }
 }

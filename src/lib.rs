@@ -13,7 +13,7 @@
 //! - [`embedded`]: a local PostgreSQL cluster managed by pgstore when no database URL is given.
 //! - [`transport`]: client connections whose writes are coalesced.
 //! - [`wire`]: events encoded to protobuf straight from rows, and the pre-encoded responses.
-//! - [`error`]: the domain error type and its one mapping to gRPC status codes.
+//! - [`error`]: the error type shared by every layer (its gRPC mapping is in `grpc::status`).
 
 pub mod codec;
 pub mod config;

@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, path::PathBuf};
 
 use clap::{Parser, Subcommand};
-use pgstore::config::{Config, Overrides, parse_database_url, redact_url};
+use pgstore::config::{Config, Flag, parse_database_url, redact_url};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -29,7 +29,7 @@ enum Command {
         #[arg(long, value_name = "URL")]
         database_url: Option<String>,
         /// A file whose first line is the primary's connection string.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with = "database_url")]
         database_url_file: Option<PathBuf>,
         /// A read replica's connection string (repeatable).
         #[arg(long = "replica-url", value_name = "URL")]
@@ -108,15 +108,32 @@ async fn run(cli: Cli) -> Result<(), pgstore::Error> {
         } => {
             let password_on_command_line =
                 database_url.as_deref().is_some_and(|u| redact_url(u) != u);
-            let overrides = Overrides {
-                listen,
-                database_url,
-                database_url_file,
-                replica_urls,
-                data_dir,
-                metrics_listen,
-            };
-            let config = Config::load(config.as_deref(), overrides)?;
+            let mut flags: Vec<Flag> = Vec::new();
+            let path = |p: PathBuf| p.display().to_string();
+            if let Some(v) = listen {
+                flags.push(("listen", v.into()));
+            }
+            if let Some(v) = database_url {
+                flags.push(("database_url", v.into()));
+            }
+            if let Some(v) = database_url_file {
+                // The file given here wins over a URL from the file or the environment.
+                flags.push(("database_url_file", path(v).into()));
+                flags.push((
+                    "database_url",
+                    config::Value::new(None, config::ValueKind::Nil),
+                ));
+            }
+            if !replica_urls.is_empty() {
+                flags.push(("replica_urls", replica_urls.into()));
+            }
+            if let Some(v) = data_dir {
+                flags.push(("data_dir", path(v).into()));
+            }
+            if let Some(v) = metrics_listen {
+                flags.push(("metrics_listen", v.into()));
+            }
+            let config = Config::load(config.as_deref(), flags)?;
             init_tracing(&config.log.format, &config.log.level);
             if password_on_command_line {
                 tracing::warn!(
