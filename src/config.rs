@@ -409,6 +409,9 @@ pub struct ServerSection {
     /// DEADLINE_EXCEEDED.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Gather each client connection's writes and write them once per scheduler round (fewer
+    /// system calls when many streams share a connection, e.g. many subscribers).
+    pub coalesce_writes: bool,
 }
 
 impl Default for Config {
@@ -500,6 +503,7 @@ impl Default for ServerSection {
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(20),
             request_timeout: Duration::from_secs(30),
+            coalesce_writes: true,
         }
     }
 }

@@ -303,8 +303,7 @@ fn grpc_server(
         .with_nodelay(Some(true))
         .with_keepalive(Some(s.keepalive_interval))
         .with_keepalive_interval(Some(s.keepalive_interval))
-        .with_keepalive_retries(Some(3))
-        .map(|conn| conn.map(crate::transport::Coalesced::new));
+        .with_keepalive_retries(Some(3));
     let tokens = crate::grpc::auth::Tokens::from_config(&config.auth);
     if tokens.is_some() {
         tracing::info!("bearer-token authentication on");
@@ -329,7 +328,16 @@ fn grpc_server(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(gate);
-    Ok(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()))
+    let served: futures_util::future::BoxFuture<
+        'static,
+        std::result::Result<(), tonic::transport::Error>,
+    > = if s.coalesce_writes {
+        let incoming = incoming.map(|conn| conn.map(crate::transport::Coalesced::new));
+        Box::pin(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()))
+    } else {
+        Box::pin(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()))
+    };
+    Ok(served)
 }
 
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {

@@ -7,6 +7,8 @@
 //! writer task, which first yields to the runtime (every task that is ready, the other streams
 //! included, runs and adds its frames) and then writes everything gathered in one call. When the
 //! server is idle that costs one scheduler round; under load it turns many small writes into few.
+//! A flush completes when its bytes are written, as the `AsyncWrite` contract asks; the setting
+//! `server.coalesce_writes` turns the layer off.
 
 use std::{
     io,
@@ -50,6 +52,10 @@ struct Shared {
 #[derive(Default)]
 struct State {
     pending: BytesMut,
+    /// Bytes handed to this connection so far, and bytes the writer task has written: a flush
+    /// completes once `written` reaches what was `appended` when it was asked for.
+    appended: u64,
+    written: u64,
     /// The writer task failed or stopped: what later writes report.
     error: Option<io::ErrorKind>,
     /// Shutdown asked for (the writer finishes, then shuts the socket down).
@@ -125,6 +131,9 @@ async fn write_loop(mut write: OwnedWriteHalf, shared: Arc<Shared>) {
                 }
             };
             let mut st = shared.state.lock().expect("transport lock");
+            if result.is_ok() {
+                st.written += data.len() as u64;
+            }
             st.waiting.drain(..).for_each(Waker::wake);
             if let Err(e) = result {
                 st.error = Some(e.kind());
@@ -166,6 +175,7 @@ impl Coalesced {
             st.pending.extend_from_slice(b);
             n += b.len();
         }
+        st.appended += n as u64;
         Poll::Ready(Ok(n))
     }
 }
@@ -191,18 +201,20 @@ impl AsyncWrite for Coalesced {
         true
     }
 
-    /// Hands the buffered bytes to the writer task; they are on their way, not necessarily
-    /// written, when this returns (a failure shows on the next write).
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let st = self.shared.state.lock().expect("transport lock");
+    /// Hands the buffered bytes to the writer task and completes once they are written (every
+    /// task that is ready gets to add its frames to the same write first).
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.shared.state.lock().expect("transport lock");
         if let Some(kind) = st.error {
             return Poll::Ready(Err(kind.into()));
         }
-        if !st.pending.is_empty() {
-            drop(st);
-            self.shared.flush.notify_one();
+        if st.written >= st.appended {
+            return Poll::Ready(Ok(()));
         }
-        Poll::Ready(Ok(()))
+        st.waiting.push(cx.waker().clone());
+        drop(st);
+        self.shared.flush.notify_one();
+        Poll::Pending
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -273,14 +285,15 @@ mod tests {
         // The client reads nothing: fill the socket buffers and the pending bytes.
         let chunk = vec![7u8; 64 * 1024];
         let mut written = 0usize;
-        while let Ok(Ok(())) = tokio::time::timeout(
-            std::time::Duration::from_millis(200),
-            server.write_all(&chunk),
-        )
-        .await
-        {
-            server.flush().await.unwrap();
-            written += chunk.len();
+        let wait = std::time::Duration::from_millis(200);
+        loop {
+            match tokio::time::timeout(wait, server.write_all(&chunk)).await {
+                Ok(Ok(())) => written += chunk.len(),
+                _ => break,
+            }
+            if tokio::time::timeout(wait, server.flush()).await.is_err() {
+                break;
+            }
         }
         drop(server);
         tokio::time::sleep(GRACE + std::time::Duration::from_millis(500)).await;
@@ -308,5 +321,26 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert!(failed, "writes to a closed peer must fail");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_completes_only_once_its_bytes_are_written() {
+        let (mut server, mut client) = pair().await;
+        // The client reads nothing: the flush of more than the socket buffers hold cannot finish.
+        let chunk = vec![1u8; 8 * 1024 * 1024];
+        server.write_all(&chunk).await.unwrap();
+        let flushed =
+            tokio::time::timeout(std::time::Duration::from_millis(300), server.flush()).await;
+        assert!(flushed.is_err(), "flushed before the bytes were written");
+        // Once the client reads, it does.
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; chunk.len()];
+            client.read_exact(&mut got).await.unwrap();
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), server.flush())
+            .await
+            .expect("flushed once read")
+            .unwrap();
+        reader.await.unwrap();
     }
 }
