@@ -409,8 +409,9 @@ pub struct ServerSection {
     /// DEADLINE_EXCEEDED.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Gather each client connection's writes and write them once per scheduler round (fewer
-    /// system calls when many streams share a connection, e.g. many subscribers).
+    /// Gather each client connection's writes and write them once per scheduler round: more
+    /// deliveries per second when the CPU is saturated by many subscribers, at a much higher
+    /// latency; off by default (see docs/benchmarks.md).
     pub coalesce_writes: bool,
 }
 
@@ -503,7 +504,7 @@ impl Default for ServerSection {
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(20),
             request_timeout: Duration::from_secs(30),
-            coalesce_writes: true,
+            coalesce_writes: false,
         }
     }
 }
