@@ -47,6 +47,8 @@ pub struct Budget {
     bytes: std::sync::atomic::AtomicUsize,
     room: tokio::sync::Notify,
     cut: std::sync::Mutex<Option<Status>>,
+    /// Whether `cut` was set: the stream checks this on every poll, without taking the lock.
+    is_cut: std::sync::atomic::AtomicBool,
 }
 
 impl Budget {
@@ -58,7 +60,15 @@ impl Budget {
 
     /// The reason the subscriber was cut off, once.
     pub fn take_cut(&self) -> Option<Status> {
+        if !self.is_cut.load(Ordering::Acquire) {
+            return None;
+        }
         self.cut.lock().expect("budget").take()
+    }
+
+    fn cut_off(&self, status: Status) {
+        *self.cut.lock().expect("budget") = Some(status);
+        self.is_cut.store(true, Ordering::Release);
     }
 }
 
@@ -164,7 +174,7 @@ impl Sink {
                 c.stall_timeout
             ),
         });
-        *self.budget.cut.lock().expect("budget") = Some(status);
+        self.budget.cut_off(status);
         Stop::Gone
     }
 }
