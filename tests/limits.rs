@@ -170,16 +170,7 @@ async fn a_read_only_token_reads_and_subscribes_but_cannot_join_a_group() {
     config.auth.read_tokens = vec![READER.into()];
     let server = Server::start(config).await;
     let channel = server.channel().await;
-    let with_token = |token: &'static str| {
-        proto::event_store_client::EventStoreClient::with_interceptor(
-            channel.clone(),
-            move |mut req: tonic::Request<()>| {
-                let value = format!("Bearer {token}").parse().expect("ascii");
-                req.metadata_mut().insert("authorization", value);
-                Ok(req)
-            },
-        )
-    };
+    let with_token = |token: &'static str| with_token(channel.clone(), token);
     let mut writer = with_token(WRITER);
     writer
         .append(append("ro-1", None, vec![json_event("E", "{}")]))
@@ -229,13 +220,7 @@ async fn a_read_only_token_reads_and_subscribes_but_cannot_join_a_group() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     // Nothing of the group was written.
-    let (admin, conn) = shared()
-        .cluster
-        .config(&db)
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let admin = pg_client(&shared().cluster, &db).await;
     let n: i64 = admin
         .query_one("SELECT count(*) FROM pgstore.group_members", &[])
         .await

@@ -60,13 +60,7 @@ async fn delivery_survives_listener_kills_and_a_postgres_restart() {
 
     // Kill the listeners' backends repeatedly, appending right after each kill (notifications
     // sent while a listener is down are lost).
-    let (admin, conn) = pg
-        .cluster
-        .config("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let admin = pg_client(&pg.cluster, "postgres").await;
     for _ in 0..5 {
         // Wait until both instances' listeners are (back) up.
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -97,13 +97,7 @@ async fn tls_only_postgres_with_require_and_verify_full() {
             .into_inner();
         assert_eq!(page.events.len(), 1);
         // Every connection pgstore holds is encrypted (the cluster would refuse others anyway).
-        let (admin, conn) = pg
-            .cluster
-            .config("postgres")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let admin = pg_client(&pg.cluster, "postgres").await;
         let row = admin
             .query_one(
                 "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \

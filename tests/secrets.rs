@@ -10,7 +10,6 @@ use std::{
 };
 
 use common::*;
-use pgstore::proto;
 
 const PASSWORD: &str = "pw-Zq8x-not-for-logs";
 const TOKEN: &str = "token-Kf3v-not-for-logs-0123";
@@ -52,14 +51,7 @@ async fn run_and_capture(args: &[String], env: &[(&str, String)]) -> String {
         }
     };
     for token in [TOKEN, "wrong-token-0123456789"] {
-        let mut c = proto::event_store_client::EventStoreClient::with_interceptor(
-            channel.clone(),
-            move |mut req: tonic::Request<()>| {
-                let v = format!("Bearer {token}").parse().unwrap();
-                req.metadata_mut().insert("authorization", v);
-                Ok(req)
-            },
-        );
+        let mut c = with_token(channel.clone(), token);
         let _ = c
             .append(append("secret", None, vec![json_event("E", "{}")]))
             .await;

@@ -70,16 +70,7 @@ async fn bearer_tokens_guard_the_event_store_but_not_health_or_reflection() {
     config.auth.read_tokens = vec![READER.into()];
     let server = Server::start(config).await;
     let channel = server.channel().await;
-    let with_token = |token: &'static str| {
-        proto::event_store_client::EventStoreClient::with_interceptor(
-            channel.clone(),
-            move |mut req: tonic::Request<()>| {
-                let value = format!("Bearer {token}").parse().expect("ascii");
-                req.metadata_mut().insert("authorization", value);
-                Ok(req)
-            },
-        )
-    };
+    let with_token = |token: &'static str| with_token(channel.clone(), token);
     let events = || vec![json_event("Tested", r#"{"n":1}"#)];
 
     // No token, or an unknown one: UNAUTHENTICATED, and nothing is written.
@@ -482,12 +473,7 @@ async fn serve_without_a_database_url_runs_an_embedded_postgres() {
             assert!(!line.contains("trust"), "TCP trusted: {line}");
         }
         let cluster = pgstore::embedded::Cluster::in_dir(&dir, 5432, false).unwrap();
-        let (client, conn) = cluster
-            .config("postgres")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = pg_client(&cluster, "postgres").await;
         for (name, want) in [
             ("listen_addresses", ""),
             ("unix_socket_permissions", "0700"),

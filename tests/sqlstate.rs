@@ -10,14 +10,11 @@ use pgstore::store::db::db_err;
 use tonic::Code;
 
 async fn error_of(sql: &str) -> tokio_postgres::Error {
-    let (client, conn) = shared()
-        .cluster
-        .config("postgres")
-        .connect(tokio_postgres::NoTls)
+    pg_client(&shared().cluster, "postgres")
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    client.batch_execute(sql).await.unwrap_err()
+        .batch_execute(sql)
+        .await
+        .unwrap_err()
 }
 
 fn raise(sqlstate: &str) -> String {
@@ -52,25 +49,13 @@ async fn sqlstates_map_to_actionable_codes() {
 
 #[tokio::test]
 async fn a_connection_that_died_is_unavailable() {
-    let (client, conn) = shared()
-        .cluster
-        .config("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = pg_client(&shared().cluster, "postgres").await;
     let pid: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
         .unwrap()
         .get(0);
-    let (admin, conn) = shared()
-        .cluster
-        .config("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let admin = pg_client(&shared().cluster, "postgres").await;
     admin
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await

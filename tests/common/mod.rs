@@ -89,14 +89,11 @@ impl PgCluster {
 
     /// Runs SQL on database `db` of this cluster.
     pub async fn sql(&self, db: &str, sql: &str) {
-        let (client, conn) = self
-            .cluster
-            .config(db)
-            .connect(tokio_postgres::NoTls)
+        pg_client(&self.cluster, db)
             .await
-            .expect("connect");
-        tokio::spawn(conn);
-        client.batch_execute(sql).await.expect("sql");
+            .batch_execute(sql)
+            .await
+            .expect("sql");
     }
 
     /// A libpq URL for database `db`.
@@ -107,14 +104,8 @@ impl PgCluster {
     /// Creates a fresh database and returns its URL.
     pub async fn create_db(&self) -> String {
         let db = unique("t");
-        let (client, conn) = self
-            .cluster
-            .config("postgres")
-            .connect(tokio_postgres::NoTls)
+        pg_client(&self.cluster, "postgres")
             .await
-            .expect("connect to test cluster");
-        tokio::spawn(conn);
-        client
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await
             .expect("create database");
@@ -138,6 +129,32 @@ impl Drop for PgCluster {
         let _ = std::fs::remove_dir_all(&self.root);
         let _ = std::fs::remove_dir_all(&self.cluster.socket_dir);
     }
+}
+
+/// A superuser connection to database `db` of `cluster` (over its socket), driven on its own
+/// task.
+pub async fn pg_client(cluster: &Cluster, db: &str) -> tokio_postgres::Client {
+    let (client, conn) = cluster
+        .config(db)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test cluster");
+    tokio::spawn(conn);
+    client
+}
+
+/// An EventStore client on `channel` whose calls carry `authorization: Bearer <token>`.
+pub fn with_token(
+    channel: Channel,
+    token: &'static str,
+) -> EventStoreClient<
+    tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>,
+> {
+    EventStoreClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        let value = format!("Bearer {token}").parse().expect("ascii token");
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
+    })
 }
 
 /// The cluster shared by the tests of one test binary (each test makes its own database). It is
