@@ -172,6 +172,43 @@ pub fn redact_url(url: &str) -> String {
     result
 }
 
+/// The environment variable of a setting: `database.pool_size` is `PGSTORE_DATABASE__POOL_SIZE`.
+pub fn env_name(key: &str) -> String {
+    format!("PGSTORE_{}", key.to_uppercase().replace('.', "__"))
+}
+
+/// One setting as `pgstore config check` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setting {
+    /// The dotted key, as in the file: `listen`, `database.pool_size`.
+    pub key: String,
+    /// Its value (JSON: durations are strings such as `"5s"`, unset values are null).
+    pub value: serde_json::Value,
+}
+
+impl Setting {
+    /// The value as the environment would give it (lists comma-separated; `None` when unset).
+    pub fn env_value(&self) -> Option<String> {
+        match &self.value {
+            serde_json::Value::Null => None,
+            serde_json::Value::Array(items) if items.is_empty() => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(items) => Some(
+                items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            other => Some(other.to_string()),
+        }
+    }
+}
+
 /// Read replicas.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -544,7 +581,21 @@ impl Config {
             .build()
             .map_err(bad)?
             .try_deserialize()
-            .map_err(bad)?;
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("unknown field") {
+                    // Any PGSTORE_* variable is read as a setting, so a stray one lands here too.
+                    Error::invalid(
+                        "configuration",
+                        format!(
+                            "{text} (from the file or a PGSTORE_* variable; \
+                             `pgstore config check --format env` lists the settings)"
+                        ),
+                    )
+                } else {
+                    bad(e)
+                }
+            })?;
         if config.database_url.is_none()
             && let Some(path) = &config.database_url_file
         {
@@ -562,6 +613,48 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// A copy with the secrets replaced: passwords in connection strings become `***`, tokens
+    /// become `***`. What `pgstore config check` prints.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.database_url = c.database_url.as_deref().map(redact_url);
+        c.replica_urls = c.replica_urls.iter().map(|u| redact_url(u)).collect();
+        c.auth.tokens = c.auth.tokens.iter().map(|_| "***".to_owned()).collect();
+        c.auth.read_tokens = c
+            .auth
+            .read_tokens
+            .iter()
+            .map(|_| "***".to_owned())
+            .collect();
+        c
+    }
+
+    /// Every setting of the model with its value here, sorted by key.
+    pub fn settings(&self) -> Vec<Setting> {
+        fn walk(prefix: &str, v: serde_json::Value, out: &mut Vec<Setting>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        let key = if prefix.is_empty() {
+                            k
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                value => out.push(Setting {
+                    key: prefix.to_owned(),
+                    value,
+                }),
+            }
+        }
+        let mut out = Vec::new();
+        let value = serde_json::to_value(self).expect("the configuration serializes");
+        walk("", value, &mut out);
+        out
     }
 
     /// Checks every value; the error names the key.
@@ -988,32 +1081,6 @@ mod tests {
         assert!(Config::load(Some(&path), Vec::new()).is_err());
     }
 
-    /// Every setting of the model as `(dotted key, default as JSON)`.
-    fn settings() -> Vec<(String, serde_json::Value)> {
-        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
-            match v {
-                serde_json::Value::Object(m) => {
-                    for (k, v) in m {
-                        let key = if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        };
-                        walk(&key, v, out);
-                    }
-                }
-                other => out.push((prefix.to_owned(), other.clone())),
-            }
-        }
-        let mut out = Vec::new();
-        walk(
-            "",
-            &serde_json::to_value(Config::default()).unwrap(),
-            &mut out,
-        );
-        out
-    }
-
     #[test]
     fn the_documented_settings_are_the_model() {
         let doc = include_str!("../docs/configuration.md");
@@ -1029,14 +1096,18 @@ mod tests {
                 (cells[0].trim_matches('`').to_owned(), cells)
             })
             .collect();
-        let model = settings();
+        let model: Vec<(String, serde_json::Value)> = Config::default()
+            .settings()
+            .into_iter()
+            .map(|s| (s.key, s.value))
+            .collect();
         let mut wrong = Vec::new();
         for (key, default) in &model {
             let Some(row) = rows.get(key) else {
                 wrong.push(format!("{key} is not in docs/configuration.md"));
                 continue;
             };
-            let env = format!("PGSTORE_{}", key.to_uppercase().replace('.', "__"));
+            let env = env_name(key);
             if !row[1].contains(&env) {
                 wrong.push(format!("{key}: the row should name {env}"));
             }

@@ -1,6 +1,8 @@
 //! pgstore: a gRPC event store server in front of PostgreSQL.
 //!
 //! # Layout
+//! - [`client`], [`cli`]: connecting to a server as a client, and the `health` and `tail`
+//!   commands built on it.
 //! - [`codec`]: the gRPC codec (prost with small stream buffers).
 //! - [`domain`]: streams, versions and events, independent of PostgreSQL and gRPC.
 //! - [`config`]: layered configuration (defaults < TOML file < `PGSTORE_*` env < flags), validated.
@@ -15,6 +17,8 @@
 //! - [`wire`]: events encoded to protobuf straight from rows, and the pre-encoded responses.
 //! - [`error`]: the error type shared by every layer (its gRPC mapping is in `grpc::status`).
 
+pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod domain;

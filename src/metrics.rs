@@ -1,67 +1,160 @@
-//! Per-instance metrics: counters and gauges kept in atomics, rendered in the Prometheus text
-//! format on `GET /metrics` (when `metrics_listen` is set).
+//! Per-instance metrics on the `prometheus-client` crate, served as OpenMetrics text on
+//! `GET /metrics` (when `metrics_listen` is set).
 //!
-//! Kept in-house rather than through a global recorder so that several pgstore instances can live
-//! in one process (as the tests run them) with metrics of their own.
+//! Each instance has its own registry rather than a process-global one, so that several pgstore
+//! instances can live in one process (as the tests run them) with metrics of their own. The
+//! counters and gauges are atomics: recording costs what a `fetch_add` costs. A few values (pool
+//! connections, the writer's queue) are read when scraped, by hooks their owners register.
+//!
+//! docs/operations.md lists every series.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicI64, AtomicU64, Ordering},
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
 };
-
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 use tokio_util::sync::CancellationToken;
 
+/// Labels of the per-RPC series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// The gRPC service, e.g. `pgstore.v1.EventStore`.
+    pub service: String,
+    /// The method, e.g. `Append`.
+    pub method: String,
+    /// The gRPC status code name, e.g. `OK`, `FAILED_PRECONDITION`.
+    pub code: &'static str,
+}
+
+/// Labels of the replica series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    /// `host:port` of the replica.
+    pub replica: String,
+}
+
+/// Labels of the pool series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `primary`, or the replica's `host:port`.
+    pub pool: String,
+}
+
+/// Latency buckets in seconds: 100 µs to ~6.5 s, doubling.
+#[derive(Clone)]
+pub struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+    }
+}
+
+/// A function run before each scrape, to refresh values read on demand.
+type Hook = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 /// The metrics of one instance.
-#[derive(Default, Debug)]
 pub struct Metrics {
+    registry: Registry,
+    hooks: Mutex<Vec<Hook>>,
+
+    /// gRPC calls answered, by service, method and status code.
+    pub rpc_requests: Family<RpcLabels, Counter>,
+    /// Time to each call's response headers (for unary calls, the whole call; for server
+    /// streams, until the stream opened), by service, method and code.
+    pub rpc_duration: Family<RpcLabels, Histogram, LatencyBuckets>,
+
     /// Appends answered OK (including idempotent retries).
-    pub appends: AtomicU64,
+    pub appends: Counter,
     /// Events written.
-    pub events_written: AtomicU64,
+    pub events_written: Counter,
+    /// Payload bytes of the events written.
+    pub bytes_written: Counter,
     /// Write transactions committed (group commits).
-    pub batches: AtomicU64,
+    pub batches: Counter,
+    /// Appends per committed batch.
+    pub batch_appends: Histogram,
+    /// Events per committed batch.
+    pub batch_events: Histogram,
+    /// Time from sending a batch to its commit returning, in seconds.
+    pub commit_duration: Histogram,
+    /// Appends waiting in the writer's queue (read when scraped).
+    pub writer_queue: Gauge,
     /// One-round-trip commits that found the writer's memory stale (and were redone reading).
-    pub append_rereads: AtomicU64,
+    pub append_rereads: Counter,
     /// Batches sent while others were still in flight on the writer's connection.
-    pub batches_pipelined: AtomicU64,
+    pub batches_pipelined: Counter,
     /// Batches not committed within `writer.commit_timeout` (outcome unknown).
-    pub commit_timeouts: AtomicU64,
+    pub commit_timeouts: Counter,
     /// Calls refused because a limit was reached (subscriber slots, slow subscribers cut off).
-    pub limit_rejections: AtomicU64,
+    pub limit_rejections: Counter,
     /// Idempotency keys deleted after their retention.
-    pub idempotency_keys_pruned: AtomicU64,
+    pub idempotency_keys_pruned: Counter,
+
     /// Whether the LISTEN connection is up (0/1).
-    pub listener_connected: AtomicI64,
+    pub listener_connected: Gauge,
     /// LISTEN reconnections after a loss.
-    pub listener_reconnects: AtomicU64,
+    pub listener_reconnects: Counter,
     /// Notifications received.
-    pub notifications: AtomicU64,
+    pub notifications: Counter,
     /// Open Subscribe streams.
-    pub subscribers: AtomicI64,
+    pub subscribers: Gauge,
     /// Open WatchChanges streams.
-    pub watchers: AtomicI64,
+    pub watchers: Gauge,
     /// Open Lock streams.
-    pub locks: AtomicI64,
+    pub locks: Gauge,
     /// Background tasks serving streams (subscriber, watcher and lock tasks).
-    pub stream_tasks: AtomicI64,
+    pub stream_tasks: Gauge,
     /// Events delivered to subscribers.
-    pub events_delivered: AtomicU64,
-    /// Messages queued in subscriber buffers right now (bounded by subscribers x buffer).
-    pub buffered: AtomicI64,
+    pub events_delivered: Counter,
+    /// Messages queued in subscriber buffers right now.
+    pub buffered: Gauge,
+    /// Bytes queued in subscriber buffers right now (each bounded by `live.max_buffered_bytes`).
+    pub buffered_bytes: Gauge,
     /// Changes relayed to watchers.
-    pub changes_relayed: AtomicU64,
+    pub changes_relayed: Counter,
     /// Changes dropped for watchers that lagged.
-    pub changes_lagged: AtomicU64,
+    pub changes_lagged: Counter,
+
     /// Reads served by a replica.
-    pub replica_reads: AtomicU64,
+    pub replica_reads: Counter,
     /// Reads served by the primary.
-    pub primary_reads: AtomicU64,
-    /// The replicas as last probed.
-    pub replicas: std::sync::Mutex<Vec<ReplicaState>>,
+    pub primary_reads: Counter,
+    /// 1 while the replica is in rotation.
+    pub replica_healthy: Family<ReplicaLabels, Gauge>,
+    /// Sequences the replica is behind the primary.
+    pub replica_lag: Family<ReplicaLabels, Gauge>,
+
+    /// Open connections per pool (read when scraped).
+    pub pool_connections: Family<PoolLabels, Gauge>,
+    /// Idle connections per pool (read when scraped).
+    pub pool_idle: Family<PoolLabels, Gauge>,
+    /// Callers waiting for a connection per pool (read when scraped).
+    pub pool_waiting: Family<PoolLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 /// A replica as last probed.
@@ -78,192 +171,313 @@ pub struct ReplicaState {
 }
 
 /// Increments a gauge now and decrements it when dropped.
-pub struct GaugeGuard {
-    metrics: Arc<Metrics>,
-    gauge: fn(&Metrics) -> &AtomicI64,
-}
+pub struct GaugeGuard(Gauge);
 
 impl GaugeGuard {
     /// Raises `gauge` until the guard is dropped.
-    pub fn new(metrics: &Arc<Metrics>, gauge: fn(&Metrics) -> &AtomicI64) -> Self {
-        gauge(metrics).fetch_add(1, Ordering::Relaxed);
-        GaugeGuard {
-            metrics: metrics.clone(),
-            gauge,
-        }
+    pub fn new(metrics: &Arc<Metrics>, gauge: fn(&Metrics) -> &Gauge) -> Self {
+        let gauge = gauge(metrics).clone();
+        gauge.inc();
+        GaugeGuard(gauge)
     }
 }
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        (self.gauge)(&self.metrics).fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
 impl Metrics {
-    /// The Prometheus text exposition.
+    /// A fresh set of metrics with its own registry.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pgstore");
+        let sizes = || Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        let m = Metrics {
+            registry: Registry::default(),
+            hooks: Mutex::new(Vec::new()),
+            rpc_requests: Family::default(),
+            rpc_duration: Family::new_with_constructor(LatencyBuckets),
+            appends: Counter::default(),
+            events_written: Counter::default(),
+            bytes_written: Counter::default(),
+            batches: Counter::default(),
+            batch_appends: sizes(),
+            batch_events: sizes(),
+            commit_duration: LatencyBuckets.new_metric(),
+            writer_queue: Gauge::default(),
+            append_rereads: Counter::default(),
+            batches_pipelined: Counter::default(),
+            commit_timeouts: Counter::default(),
+            limit_rejections: Counter::default(),
+            idempotency_keys_pruned: Counter::default(),
+            listener_connected: Gauge::default(),
+            listener_reconnects: Counter::default(),
+            notifications: Counter::default(),
+            subscribers: Gauge::default(),
+            watchers: Gauge::default(),
+            locks: Gauge::default(),
+            stream_tasks: Gauge::default(),
+            events_delivered: Counter::default(),
+            buffered: Gauge::default(),
+            buffered_bytes: Gauge::default(),
+            changes_relayed: Counter::default(),
+            changes_lagged: Counter::default(),
+            replica_reads: Counter::default(),
+            primary_reads: Counter::default(),
+            replica_healthy: Family::default(),
+            replica_lag: Family::default(),
+            pool_connections: Family::default(),
+            pool_idle: Family::default(),
+            pool_waiting: Family::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "grpc_requests",
+            "gRPC calls answered, by service, method and status code",
+            m.rpc_requests.clone(),
+        );
+        r.register_with_unit(
+            "grpc_request_duration",
+            "Time to a call's response headers: the whole call when unary, until the stream \
+             opened when streaming",
+            Unit::Seconds,
+            m.rpc_duration.clone(),
+        );
+        r.register("appends", "Appends answered OK", m.appends.clone());
+        r.register("events_written", "Events written", m.events_written.clone());
+        r.register_with_unit(
+            "events_written",
+            "Payload bytes of the events written",
+            Unit::Bytes,
+            m.bytes_written.clone(),
+        );
+        r.register("write_batches", "Group commits", m.batches.clone());
+        r.register(
+            "write_batch_appends",
+            "Appends per group commit",
+            m.batch_appends.clone(),
+        );
+        r.register(
+            "write_batch_events",
+            "Events per group commit",
+            m.batch_events.clone(),
+        );
+        r.register_with_unit(
+            "write_commit_duration",
+            "Time from sending a group commit to its return",
+            Unit::Seconds,
+            m.commit_duration.clone(),
+        );
+        r.register(
+            "writer_queue_depth",
+            "Appends waiting in the writer's queue (writer.queue_depth)",
+            m.writer_queue.clone(),
+        );
+        r.register(
+            "write_rereads",
+            "One-round-trip commits redone with a read first (another writer moved the log)",
+            m.append_rereads.clone(),
+        );
+        r.register(
+            "write_batches_pipelined",
+            "Group commits sent while others were still in flight (writer.pipeline_depth)",
+            m.batches_pipelined.clone(),
+        );
+        r.register(
+            "commit_timeouts",
+            "Group commits not committed within writer.commit_timeout (outcome unknown)",
+            m.commit_timeouts.clone(),
+        );
+        r.register(
+            "limit_rejections",
+            "Calls refused or cut off because a configured limit was reached",
+            m.limit_rejections.clone(),
+        );
+        r.register(
+            "idempotency_keys_pruned",
+            "Idempotency keys deleted after writer.idempotency_key_retention",
+            m.idempotency_keys_pruned.clone(),
+        );
+        r.register(
+            "listener_connected",
+            "1 while the LISTEN connection is up",
+            m.listener_connected.clone(),
+        );
+        r.register(
+            "listener_reconnects",
+            "LISTEN reconnections",
+            m.listener_reconnects.clone(),
+        );
+        r.register(
+            "notifications",
+            "Notifications received",
+            m.notifications.clone(),
+        );
+        r.register(
+            "subscribers",
+            "Open Subscribe streams",
+            m.subscribers.clone(),
+        );
+        r.register("watchers", "Open WatchChanges streams", m.watchers.clone());
+        r.register("locks", "Open Lock streams", m.locks.clone());
+        r.register(
+            "stream_tasks",
+            "Tasks serving streams",
+            m.stream_tasks.clone(),
+        );
+        r.register(
+            "events_delivered",
+            "Events delivered to subscribers",
+            m.events_delivered.clone(),
+        );
+        r.register(
+            "subscriber_buffered",
+            "Messages waiting in subscriber buffers",
+            m.buffered.clone(),
+        );
+        r.register_with_unit(
+            "subscriber_buffered",
+            "Bytes waiting in subscriber buffers",
+            Unit::Bytes,
+            m.buffered_bytes.clone(),
+        );
+        r.register(
+            "changes_relayed",
+            "Changes relayed to watchers",
+            m.changes_relayed.clone(),
+        );
+        r.register(
+            "changes_lagged",
+            "Changes dropped for lagging watchers",
+            m.changes_lagged.clone(),
+        );
+        r.register(
+            "replica_reads",
+            "Reads served by replicas",
+            m.replica_reads.clone(),
+        );
+        r.register(
+            "primary_reads",
+            "Routed reads served by the primary",
+            m.primary_reads.clone(),
+        );
+        r.register(
+            "replica_healthy",
+            "1 while the replica is in rotation",
+            m.replica_healthy.clone(),
+        );
+        r.register(
+            "replica_lag",
+            "Sequences the replica is behind the primary",
+            m.replica_lag.clone(),
+        );
+        r.register(
+            "pool_connections",
+            "Open database connections per pool",
+            m.pool_connections.clone(),
+        );
+        r.register(
+            "pool_idle",
+            "Idle database connections per pool",
+            m.pool_idle.clone(),
+        );
+        r.register(
+            "pool_waiting",
+            "Callers waiting for a database connection per pool",
+            m.pool_waiting.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Runs `hook` before every scrape (to refresh values that are read on demand).
+    pub fn on_scrape(&self, hook: impl Fn(&Metrics) + Send + Sync + 'static) {
+        self.hooks
+            .lock()
+            .expect("metrics hooks")
+            .push(Box::new(hook));
+    }
+
+    /// Records a call answered with `code` after `elapsed`.
+    pub fn rpc(&self, service: &str, method: &str, code: tonic::Code, elapsed: Duration) {
+        let labels = RpcLabels {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            code: code_name(code),
+        };
+        self.rpc_requests.get_or_create(&labels).inc();
+        self.rpc_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records the replicas as just probed.
+    pub fn set_replicas(&self, replicas: &[ReplicaState]) {
+        for r in replicas {
+            let labels = ReplicaLabels {
+                replica: r.name.clone(),
+            };
+            self.replica_healthy
+                .get_or_create(&labels)
+                .set(i64::from(r.healthy));
+            self.replica_lag
+                .get_or_create(&labels)
+                .set(i64::try_from(r.lag).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Records a pool's counts.
+    pub fn set_pool(&self, pool: &str, state: crate::store::db::PoolState) {
+        let labels = PoolLabels {
+            pool: pool.to_owned(),
+        };
+        self.pool_connections
+            .get_or_create(&labels)
+            .set(i64::from(state.connections));
+        self.pool_idle
+            .get_or_create(&labels)
+            .set(i64::from(state.idle));
+        self.pool_waiting.get_or_create(&labels).set(state.waiting);
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        let c = |v: &AtomicU64| v.load(Ordering::Relaxed) as i64;
-        let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, i64); 21] = [
-            (
-                "pgstore_commit_timeouts_total",
-                "counter",
-                "Append batches not committed within writer.commit_timeout (outcome unknown).",
-                c(&self.commit_timeouts),
-            ),
-            (
-                "pgstore_limit_rejections_total",
-                "counter",
-                "Calls refused or cut off because a configured limit was reached.",
-                c(&self.limit_rejections),
-            ),
-            (
-                "pgstore_replica_reads_total",
-                "counter",
-                "Reads served by replicas.",
-                c(&self.replica_reads),
-            ),
-            (
-                "pgstore_primary_reads_total",
-                "counter",
-                "Routed reads served by the primary.",
-                c(&self.primary_reads),
-            ),
-            (
-                "pgstore_appends_total",
-                "counter",
-                "Appends answered OK.",
-                c(&self.appends),
-            ),
-            (
-                "pgstore_events_written_total",
-                "counter",
-                "Events written.",
-                c(&self.events_written),
-            ),
-            (
-                "pgstore_write_batches_total",
-                "counter",
-                "Group commits.",
-                c(&self.batches),
-            ),
-            (
-                "pgstore_write_rereads_total",
-                "counter",
-                "One-round-trip commits redone with a read first (another writer moved the log).",
-                c(&self.append_rereads),
-            ),
-            (
-                "pgstore_write_batches_pipelined_total",
-                "counter",
-                "Group commits sent while others were still in flight (writer.pipeline_depth).",
-                c(&self.batches_pipelined),
-            ),
-            (
-                "pgstore_idempotency_keys_pruned_total",
-                "counter",
-                "Idempotency keys deleted after writer.idempotency_key_retention.",
-                c(&self.idempotency_keys_pruned),
-            ),
-            (
-                "pgstore_listener_connected",
-                "gauge",
-                "1 while the LISTEN connection is up.",
-                g(&self.listener_connected),
-            ),
-            (
-                "pgstore_listener_reconnects_total",
-                "counter",
-                "LISTEN reconnections.",
-                c(&self.listener_reconnects),
-            ),
-            (
-                "pgstore_notifications_total",
-                "counter",
-                "Notifications received.",
-                c(&self.notifications),
-            ),
-            (
-                "pgstore_subscribers",
-                "gauge",
-                "Open Subscribe streams.",
-                g(&self.subscribers),
-            ),
-            (
-                "pgstore_watchers",
-                "gauge",
-                "Open WatchChanges streams.",
-                g(&self.watchers),
-            ),
-            (
-                "pgstore_locks",
-                "gauge",
-                "Open Lock streams.",
-                g(&self.locks),
-            ),
-            (
-                "pgstore_stream_tasks",
-                "gauge",
-                "Tasks serving streams.",
-                g(&self.stream_tasks),
-            ),
-            (
-                "pgstore_events_delivered_total",
-                "counter",
-                "Events delivered to subscribers.",
-                c(&self.events_delivered),
-            ),
-            (
-                "pgstore_subscriber_buffered",
-                "gauge",
-                "Messages waiting in subscriber buffers.",
-                g(&self.buffered),
-            ),
-            (
-                "pgstore_changes_relayed_total",
-                "counter",
-                "Changes relayed to watchers.",
-                c(&self.changes_relayed),
-            ),
-            (
-                "pgstore_changes_lagged_total",
-                "counter",
-                "Changes dropped for lagging watchers.",
-                c(&self.changes_lagged),
-            ),
-        ];
+        for hook in self.hooks.lock().expect("metrics hooks").iter() {
+            hook(self);
+        }
         let mut out = String::new();
-        for (name, kind, help, value) in rows {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        }
-        let replicas = self.replicas.lock().expect("metrics").clone();
-        if !replicas.is_empty() {
-            out.push_str("# HELP pgstore_replica_healthy 1 while the replica is in rotation.\n");
-            out.push_str("# TYPE pgstore_replica_healthy gauge\n");
-            for r in &replicas {
-                let up = u8::from(r.healthy);
-                out.push_str(&format!(
-                    "pgstore_replica_healthy{{replica=\"{}\"}} {up}\n",
-                    r.name
-                ));
-            }
-            out.push_str(
-                "# HELP pgstore_replica_lag Sequences the replica is behind the primary.\n",
-            );
-            out.push_str("# TYPE pgstore_replica_lag gauge\n");
-            for r in &replicas {
-                out.push_str(&format!(
-                    "pgstore_replica_lag{{replica=\"{}\"}} {}\n",
-                    r.name, r.lag
-                ));
-            }
-        }
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }
+
+/// The canonical name of a gRPC code (`OK`, `NOT_FOUND`, ...).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The content type of the exposition.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Serves `GET /metrics` (and `GET /healthz`) until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
@@ -278,21 +492,21 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+            let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
                 .await
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or(0);
             let request = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if request.starts_with("GET /metrics") {
-                ("200 OK", metrics.render())
+            let (status, content_type, body) = if request.starts_with("GET /metrics") {
+                ("200 OK", CONTENT_TYPE, metrics.render())
             } else if request.starts_with("GET /healthz") {
-                ("200 OK", "ok\n".to_string())
+                ("200 OK", "text/plain", "ok\n".to_string())
             } else {
-                ("404 Not Found", "not found\n".to_string())
+                ("404 Not Found", "text/plain", "not found\n".to_string())
             };
             let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = sock.write_all(response.as_bytes()).await;

@@ -92,6 +92,7 @@ async fn serve(
         health_service,
         gate.clone(),
         stop_serving.clone(),
+        metrics.clone(),
     )?;
     let mut server = std::pin::pin!(server);
     tracing::info!(listen = ?local, database = %primary.name, "pgstore listening; opening the store");
@@ -284,6 +285,7 @@ fn grpc_server(
     >,
     gate: Gate<EventStoreServer<EventStoreService>>,
     stop: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> Result<impl Future<Output = std::result::Result<(), tonic::transport::Error>>> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -319,6 +321,7 @@ fn grpc_server(
         .max_concurrent_streams(s.max_concurrent_streams)
         .http2_keepalive_interval(Some(s.keepalive_interval))
         .http2_keepalive_timeout(Some(s.keepalive_timeout))
+        .layer(crate::grpc::observe::ObserveLayer::new(metrics))
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))
@@ -437,9 +440,7 @@ async fn prune_idempotency_keys(
         loop {
             match store.prune_idempotency_keys(retention, BATCH).await {
                 Ok(n) => {
-                    metrics
-                        .idempotency_keys_pruned
-                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    metrics.idempotency_keys_pruned.inc_by(n);
                     if n < BATCH as u64 || stop.is_cancelled() {
                         break;
                     }

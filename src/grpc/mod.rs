@@ -3,13 +3,11 @@
 
 pub mod auth;
 pub mod deadline;
+pub mod observe;
 pub mod status;
 pub mod validate;
 
-use std::{
-    pin::Pin,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{pin::Pin, sync::Arc};
 
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -63,10 +61,12 @@ impl BufferedStream {
     fn drain(&mut self) {
         self.rx.close();
         while let Ok(item) = self.rx.try_recv() {
-            self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.buffered.dec();
             if let Ok(frame) = item {
                 use prost::Message as _;
-                self.budget.took(frame.encoded_len());
+                let size = frame.encoded_len();
+                self.metrics.buffered_bytes.dec_by(size as i64);
+                self.budget.took(size);
             }
         }
     }
@@ -90,11 +90,13 @@ impl Stream for BufferedStream {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(item)) => {
-                self.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.buffered.dec();
                 Poll::Ready(Some(match item {
                     Ok(frame) => {
                         use prost::Message as _;
-                        self.budget.took(frame.encoded_len());
+                        let size = frame.encoded_len();
+                        self.metrics.buffered_bytes.dec_by(size as i64);
+                        self.budget.took(size);
                         Ok(*frame)
                     }
                     Err(s) => Err(*s),

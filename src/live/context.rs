@@ -1,10 +1,7 @@
 //! What every live-delivery task shares: the settings of subscriptions, consumer groups and
 //! locks, and the context (store, hub, shutdown signal, slots) each task is given.
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
@@ -66,10 +63,7 @@ impl LiveContext {
     /// RESOURCE_EXHAUSTED when every slot is taken.
     pub fn take_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
         self.slots.clone().try_acquire_owned().map_err(|_| {
-            self.hub
-                .metrics
-                .limit_rejections
-                .fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics.limit_rejections.inc();
             Error::LimitReached {
                 setting: "server.max_subscribers",
                 limit: self.max_subscribers.to_string(),

@@ -3,7 +3,7 @@
 //! after each (re)connection it reads the head from the database and bumps the hub's epoch, so
 //! every subscriber re-reads from its own position (notifications sent during the gap are gone).
 
-use std::{future::poll_fn, sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{future::poll_fn, sync::Arc, time::Duration};
 
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
@@ -47,9 +47,7 @@ pub async fn run(mut config: ListenerConfig, hub: Arc<Hub>, stop: CancellationTo
             }
         }
         first = false;
-        hub.metrics
-            .listener_reconnects
-            .fetch_add(1, Ordering::Relaxed);
+        hub.metrics.listener_reconnects.inc();
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
@@ -112,7 +110,7 @@ fn handle(config: &ListenerConfig, hub: &Hub, msg: AsyncMessage) {
     let AsyncMessage::Notification(n) = msg else {
         return;
     };
-    hub.metrics.notifications.fetch_add(1, Ordering::Relaxed);
+    hub.metrics.notifications.inc();
     if n.channel() == config.events_channel {
         match n.payload().trim().parse::<u64>() {
             Ok(head) => hub.advance(head),

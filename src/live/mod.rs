@@ -142,16 +142,11 @@ impl Hub {
 
     /// Whether the listener is connected (kept in its metric, the one place that records it).
     pub fn is_connected(&self) -> bool {
-        self.metrics
-            .listener_connected
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1
+        self.metrics.listener_connected.get() == 1
     }
 
     fn set_connected(&self, up: bool) {
-        self.metrics
-            .listener_connected
-            .store(i64::from(up), std::sync::atomic::Ordering::Relaxed);
+        self.metrics.listener_connected.set(i64::from(up));
         if up {
             self.epoch.send_modify(|e| *e += 1);
         }

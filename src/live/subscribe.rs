@@ -126,10 +126,12 @@ impl Sink {
             }
         }
         let m = &self.ctx.hub.metrics;
-        m.buffered.fetch_add(1, Ordering::Relaxed);
+        m.buffered.inc();
+        m.buffered_bytes.inc_by(size as i64);
         self.budget.bytes.fetch_add(size, Ordering::Relaxed);
         let undo = |m: &crate::metrics::Metrics| {
-            m.buffered.fetch_sub(1, Ordering::Relaxed);
+            m.buffered.dec();
+            m.buffered_bytes.dec_by(size as i64);
             self.budget.bytes.fetch_sub(size, Ordering::Relaxed);
         };
         // Room in the buffer (the usual case): no waiting, nothing to register.
@@ -159,11 +161,7 @@ impl Sink {
     /// The client has not taken anything for `live.stall_timeout`: cut it off. The stream
     /// reports this before anything still queued.
     fn too_slow(&self) -> Stop {
-        self.ctx
-            .hub
-            .metrics
-            .limit_rejections
-            .fetch_add(1, Ordering::Relaxed);
+        self.ctx.hub.metrics.limit_rejections.inc();
         let c = &self.ctx.config;
         let status = Status::from(Error::LimitReached {
             setting: "live.max_buffered_bytes",
@@ -205,9 +203,9 @@ pub async fn run(ctx: LiveContext, sub: Subscription, tx: Tx, budget: Arc<Budget
         Some((group, member)) => run_group(&ctx, &sub, &mut sink, group, member).await,
     };
     if let Err(Stop::Fail(status)) = result {
-        metrics.buffered.fetch_add(1, Ordering::Relaxed);
+        metrics.buffered.inc();
         if tx.try_send(Err(Box::new(status))).is_err() {
-            metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+            metrics.buffered.dec();
         }
     }
 }
@@ -446,10 +444,7 @@ async fn send_event(
     partition: u32,
 ) -> Result<(), Stop> {
     sink.send_frame(Frame::event(event, partition)).await?;
-    ctx.hub
-        .metrics
-        .events_delivered
-        .fetch_add(1, Ordering::Relaxed);
+    ctx.hub.metrics.events_delivered.inc();
     Ok(())
 }
 

@@ -132,12 +132,7 @@ pub async fn run(
         head_rx.borrow_and_update();
         epoch_rx.borrow_and_update();
         // Nobody to serve: keep nothing and cost nothing (no read per commit).
-        if hub
-            .metrics
-            .subscribers
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0
-        {
+        if hub.metrics.subscribers.get() == 0 {
             if started {
                 tail.clear();
                 started = false;

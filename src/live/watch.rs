@@ -2,8 +2,6 @@
 //! projection. A watcher that falls behind the hub's buffer is told how many changes it missed
 //! instead of holding anyone else up.
 
-use std::sync::atomic::Ordering;
-
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tonic::Status;
 
@@ -27,7 +25,7 @@ pub async fn run(ctx: LiveContext, projections: Vec<String>, tx: Tx) {
                     if !projections.is_empty() && !projections.contains(&change.projection) {
                         continue;
                     }
-                    metrics.changes_relayed.fetch_add(1, Ordering::Relaxed);
+                    metrics.changes_relayed.inc();
                     Message::Change(proto::Change {
                         projection: change.projection,
                         key: change.key,
@@ -36,7 +34,7 @@ pub async fn run(ctx: LiveContext, projections: Vec<String>, tx: Tx) {
                     })
                 }
                 Err(RecvError::Lagged(missed)) => {
-                    metrics.changes_lagged.fetch_add(missed, Ordering::Relaxed);
+                    metrics.changes_lagged.inc_by(missed);
                     Message::Lagged(proto::Lagged { missed })
                 }
                 Err(RecvError::Closed) => return,

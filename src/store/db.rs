@@ -10,8 +10,54 @@ use tokio_postgres::{Client, Statement, error::SqlState};
 use super::target::Target;
 use crate::error::Error;
 
-/// A pool of primary (or replica) connections.
-pub type Pool = bb8::Pool<Manager>;
+/// A pool of primary (or replica) connections, counting the callers waiting for one.
+#[derive(Clone)]
+pub struct Pool {
+    inner: bb8::Pool<Manager>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// A pool's connections as last counted, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolState {
+    /// Open connections (idle or in use).
+    pub connections: u32,
+    /// Open connections not in use.
+    pub idle: u32,
+    /// Callers waiting for a connection right now.
+    pub waiting: i64,
+}
+
+impl Pool {
+    /// The counts now.
+    pub fn state(&self) -> PoolState {
+        let s = self.inner.state();
+        PoolState {
+            connections: s.connections,
+            idle: s.idle_connections,
+            waiting: self
+                .waiting
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(0),
+        }
+    }
+}
+
+/// Counts a caller as waiting until dropped (also when its request is cancelled mid-wait).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl<'a> Waiting<'a> {
+    fn new(counter: &'a std::sync::atomic::AtomicI64) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(counter)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// A pooled connection.
 pub type PooledConn<'a> = bb8::PooledConnection<'a, Manager>;
@@ -92,21 +138,28 @@ impl bb8::ManageConnection for Manager {
 /// Builds a pool. Connection failures surface at once (no retry loop) so requests fail fast with
 /// UNAVAILABLE while the database is down; `wait` bounds how long a request waits for a busy pool.
 pub fn pool(target: Target, size: u32, wait: Duration) -> Pool {
-    bb8::Pool::builder()
+    let inner = bb8::Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
         .test_on_check_out(false)
         .retry_connection(false)
         .connection_timeout(wait)
         .idle_timeout(Some(Duration::from_secs(300)))
-        .build_unchecked(Manager { target })
+        .build_unchecked(Manager { target });
+    Pool {
+        inner,
+        waiting: Default::default(),
+    }
 }
 
 /// A live connection from the pool: connections that died while idle (database restart) are
 /// discarded instead of being handed out.
 pub async fn get(pool: &Pool) -> Result<PooledConn<'_>, Error> {
-    for _ in 0..=pool.state().connections {
-        let conn = pool.get().await.map_err(run_err)?;
+    for _ in 0..=pool.inner.state().connections {
+        let conn = {
+            let _waiting = Waiting::new(&pool.waiting);
+            pool.inner.get().await.map_err(run_err)?
+        };
         if !conn.is_closed() {
             return Ok(conn);
         }

@@ -86,23 +86,33 @@ impl Store {
             config.primary.clone(),
             config.events_channel.clone(),
             config.writer.clone(),
-            metrics,
+            metrics.clone(),
             shutdown,
             ids::AssignedIds::new(prefix as u64),
         );
-        Ok((
-            Store {
-                inner: Arc::new(Inner {
-                    pool,
-                    writer,
-                    router,
-                    // Each page read ahead holds a pooled connection while it is read: a quarter
-                    // of the pool at most, so requests keep the rest.
-                    readahead: readahead::ReadAhead::new((config.pool_size as usize / 4).max(1)),
-                }),
-            },
-            task,
-        ))
+        let store = Store {
+            inner: Arc::new(Inner {
+                pool,
+                writer,
+                router,
+                // Each page read ahead holds a pooled connection while it is read: a quarter
+                // of the pool at most, so requests keep the rest.
+                readahead: readahead::ReadAhead::new((config.pool_size as usize / 4).max(1)),
+            }),
+        };
+        // Pools and the writer's queue are counted when scraped. Weak: the metrics must not
+        // keep the store alive.
+        let weak = Arc::downgrade(&store.inner);
+        metrics.on_scrape(move |m| {
+            if let Some(inner) = weak.upgrade() {
+                m.set_pool("primary", inner.pool.state());
+                for r in inner.router.replicas() {
+                    m.set_pool(&r.name, r.pool_state());
+                }
+                m.writer_queue.set(inner.writer.queued() as i64);
+            }
+        });
+        Ok((store, task))
     }
 
     /// The primary's pool.

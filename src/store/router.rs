@@ -49,6 +49,13 @@ pub struct Replica {
     pub healthy: AtomicBool,
 }
 
+impl Replica {
+    /// The replica pool's counts.
+    pub fn pool_state(&self) -> db::PoolState {
+        self.pool.state()
+    }
+}
+
 /// A read the router can send to a replica: it reports the head of the snapshot it read, which
 /// is what the read-your-writes fence is checked against.
 pub trait RoutedRead: Sync {
@@ -142,6 +149,11 @@ impl Router {
         })
     }
 
+    /// The replicas.
+    pub fn replicas(&self) -> &[Arc<Replica>] {
+        &self.replicas
+    }
+
     /// A connection for a read that must reflect `min_sequence`, and where it comes from.
     pub async fn conn(&self, min_sequence: u64) -> Result<(PooledConn<'_>, Source)> {
         if !self.replicas.is_empty() {
@@ -179,7 +191,7 @@ impl Router {
             match read.run(&mut conn).await {
                 Ok((value, head)) if head >= min_sequence => {
                     self.replicas[i].head.fetch_max(head, Ordering::Relaxed);
-                    self.metrics.replica_reads.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.replica_reads.inc();
                     return Ok(value);
                 }
                 Ok(_) => {}
@@ -189,7 +201,7 @@ impl Router {
             drop(conn);
             conn = db::get(&self.primary).await?;
         }
-        self.metrics.primary_reads.fetch_add(1, Ordering::Relaxed);
+        self.metrics.primary_reads.inc();
         read.run(&mut conn).await.map(|(value, _)| value)
     }
 
@@ -254,7 +266,7 @@ impl Router {
                     lag: primary_head().saturating_sub(head),
                 });
             }
-            *self.metrics.replicas.lock().expect("metrics") = states;
+            self.metrics.set_replicas(&states);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(self.config.probe_interval) => {}

@@ -548,7 +548,19 @@ pub async fn metric(port: u16, name: &str) -> i64 {
     s.read_to_string(&mut body).await.unwrap();
     body.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map_or(-1, |v| v.trim().parse().unwrap())
+        .map_or(-1, |v| v.trim().parse::<f64>().unwrap() as i64)
+}
+
+/// The whole `/metrics` exposition.
+pub async fn metrics_text(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
 }
 
 /// Waits (up to 20 s) until a metric has a value.

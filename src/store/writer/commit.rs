@@ -3,10 +3,7 @@
 //! that came back uncommitted) in turn the reading way, bounds every commit by
 //! `writer.commit_timeout`, and answers every caller.
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use futures_util::{StreamExt, future::BoxFuture, stream::FuturesOrdered};
 use tokio::sync::{mpsc, watch};
@@ -62,6 +59,8 @@ pub(super) struct InFlight {
     /// The head after the batch.
     pub(super) new_head: u64,
     pub(super) events: u64,
+    /// When the batch was sent.
+    pub(super) started: std::time::Instant,
 }
 
 /// A sent batch back from the database.
@@ -180,11 +179,10 @@ impl Writer {
             check,
             new_head,
             events,
+            started: std::time::Instant::now(),
         };
         if !self.in_flight.is_empty() {
-            self.metrics
-                .batches_pipelined
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.batches_pipelined.inc();
         }
         self.in_flight_events += sent.events;
         let channel = self.channel.clone();
@@ -203,10 +201,11 @@ impl Writer {
         self.in_flight_events -= sent.events;
         match outcome {
             Ok(()) => {
-                self.published(sent.events, sent.new_head);
                 self.metrics
-                    .appends
-                    .fetch_add(sent.batch.len() as u64, Ordering::Relaxed);
+                    .commit_duration
+                    .observe(sent.started.elapsed().as_secs_f64());
+                self.published(sent.events, sent.new_head);
+                self.answered(&sent.batch, &sent.results);
                 for (req, res) in sent.batch.into_iter().zip(sent.results) {
                     let _ = req.reply.send(res);
                 }
@@ -253,7 +252,7 @@ impl Writer {
 
     /// The memory proved stale: forget it, and rest the one-round-trip path.
     fn stale(&mut self) {
-        self.metrics.append_rereads.fetch_add(1, Ordering::Relaxed);
+        self.metrics.append_rereads.inc();
         self.memory.forget();
         self.memory.rest_until = Some(std::time::Instant::now() + FAST_PATH_REST);
     }
@@ -263,7 +262,7 @@ impl Writer {
     fn timed_out(&mut self) -> Error {
         self.memory.forget();
         self.conn = None;
-        self.metrics.commit_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.metrics.commit_timeouts.inc();
         tracing::warn!(
             timeout = ?self.settings.commit_timeout,
             "append batch not committed within writer.commit_timeout; reconnecting"
@@ -279,14 +278,17 @@ impl Writer {
         debug_assert!(self.in_flight.is_empty());
         let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
         let limit = self.settings.commit_timeout;
+        let started = std::time::Instant::now();
         let committed = match tokio::time::timeout(limit, self.try_commit(&cmds)).await {
             Ok(r) => r,
             Err(_) => Err(Failure::All(self.timed_out())),
         };
         match committed {
             Ok(results) => {
-                let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
-                self.metrics.appends.fetch_add(ok, Ordering::Relaxed);
+                self.metrics
+                    .commit_duration
+                    .observe(started.elapsed().as_secs_f64());
+                self.answered(&batch, &results);
                 for (req, res) in batch.into_iter().zip(results) {
                     let _ = req.reply.send(res);
                 }
@@ -410,12 +412,34 @@ impl Writer {
         }
     }
 
+    /// The metrics of a committed batch's answers: appends answered OK, per batch, and the
+    /// payload bytes they wrote (idempotent retries write nothing).
+    fn answered(&self, batch: &[Request], results: &[Result<AppendOutcome>]) {
+        let mut ok = 0;
+        let mut bytes = 0;
+        for (req, res) in batch.iter().zip(results) {
+            if let Ok(outcome) = res {
+                ok += 1;
+                if !outcome.duplicate {
+                    bytes += req
+                        .cmd
+                        .events
+                        .iter()
+                        .map(|e| e.payload.len() as u64)
+                        .sum::<u64>();
+                }
+            }
+        }
+        self.metrics.appends.inc_by(ok);
+        self.metrics.batch_appends.observe(batch.len() as f64);
+        self.metrics.bytes_written.inc_by(bytes);
+    }
+
     /// A commit returned: metrics, and the head for local subscribers (it only moves forward).
     fn published(&mut self, events: u64, new_head: u64) {
-        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .events_written
-            .fetch_add(events, Ordering::Relaxed);
+        self.metrics.batches.inc();
+        self.metrics.events_written.inc_by(events);
+        self.metrics.batch_events.observe(events as f64);
         self.head.send_if_modified(|h| {
             let moved = new_head > *h;
             *h = (*h).max(new_head);

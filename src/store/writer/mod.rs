@@ -96,6 +96,11 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// Appends waiting in the queue right now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Queues an append and waits for its commit.
     pub async fn append(&self, cmd: AppendCommand) -> Result<AppendOutcome> {
         let (reply, rx) = oneshot::channel();
