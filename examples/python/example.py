@@ -1,0 +1,196 @@
+"""pgstore from Python: the everyday flows, each checked against a live server.
+
+    python example.py [--addr localhost:50051] [--token TOKEN]
+
+Exits 0 when every flow behaved as documented, 1 otherwise.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import uuid
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "generated"))
+from pgstore.v1 import eventstore_pb2 as pb  # noqa: E402
+from pgstore.v1 import eventstore_pb2_grpc as pb_grpc  # noqa: E402
+
+
+def event(event_type, payload, **metadata):
+    return pb.EventData(event_type=event_type, json=json.dumps(payload), metadata=metadata)
+
+
+def append_with_optimistic_concurrency(store, stream):
+    """Create a stream, append at an exact version, retry with an idempotency key."""
+    created = store.Append(pb.AppendRequest(
+        stream_id=stream, no_stream=True,
+        events=[event("OrderPlaced", {"total": 42}, correlation_id="c-1")]))
+    assert created.version == 1, created
+    key = f"ship-{stream}"
+    shipped = store.Append(pb.AppendRequest(
+        stream_id=stream, exact=1, idempotency_key=key,
+        events=[event("OrderShipped", {"carrier": "dhl"})]))
+    assert shipped.version == 2 and not shipped.duplicate, shipped
+    # The client timed out and retries: same key, nothing written twice.
+    retried = store.Append(pb.AppendRequest(
+        stream_id=stream, exact=1, idempotency_key=key,
+        events=[event("OrderShipped", {"carrier": "dhl"})]))
+    assert retried.duplicate and retried.last_sequence == shipped.last_sequence, retried
+    print(f"append: {stream} at version {shipped.version}, retry was a duplicate")
+    return shipped.last_sequence
+
+
+def conflict_details(store, stream):
+    """A stale expected version is ABORTED with a google.rpc.ErrorInfo saying what was found."""
+    try:
+        store.Append(pb.AppendRequest(stream_id=stream, exact=1,
+                                      events=[event("OrderCancelled", {})]))
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.ABORTED, err.code()
+        status = rpc_status.from_call(err)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                assert info.reason == "WRONG_EXPECTED_VERSION", info
+                assert info.metadata["actual_version"] == "2", info
+                print(f"conflict: {info.reason} expected {info.metadata['expected_version']},"
+                      f" stream is at {info.metadata['actual_version']}")
+                return
+        raise AssertionError("no ErrorInfo in the status details")
+    raise AssertionError("the stale append was accepted")
+
+
+def load(store, stream, fence):
+    """Read a stream, with the read-your-writes fence from the append."""
+    page = store.Load(pb.LoadRequest(stream_id=stream, min_sequence=fence))
+    types = [e.event_type for e in page.events]
+    assert types == ["OrderPlaced", "OrderShipped"], types
+    assert json.loads(page.events[0].json) == {"total": 42}
+    assert page.events[0].metadata["correlation_id"] == "c-1"
+    print(f"load: {stream} -> {types}")
+
+
+def read_all_pages(store, prefix):
+    """Page through the global log, two events at a time."""
+    seen, sequence = [], 1
+    while True:
+        page = store.ReadFrom(pb.ReadFromRequest(from_sequence=sequence, limit=2,
+                                                 stream_prefix=prefix))
+        seen += [e.global_sequence for e in page.events]
+        if not page.events:
+            break
+        sequence = page.next_sequence
+    assert seen == sorted(seen) and len(seen) == len(set(seen)), seen
+    print(f"read_from: {len(seen)} events under {prefix!r}, in order")
+    return seen
+
+
+def subscribe_with_checkpoint(store, prefix):
+    """Process some events, checkpoint, disconnect; resume after the checkpoint."""
+    consumer = f"py-{uuid.uuid4().hex[:8]}"
+    call = store.Subscribe(pb.SubscribeRequest(consumer_id=consumer, stream_prefix=prefix))
+    first = []
+    for message in call:
+        if message.HasField("event"):
+            first.append(message.event.global_sequence)
+            if len(first) == 2:
+                break
+    call.cancel()
+    store.SaveCheckpoint(pb.SaveCheckpointRequest(consumer_id=consumer, sequence=first[-1]))
+    saved = store.LoadCheckpoint(pb.LoadCheckpointRequest(consumer_id=consumer))
+    assert saved.found and saved.sequence == first[-1], saved
+
+    call = store.Subscribe(pb.SubscribeRequest(consumer_id=consumer, stream_prefix=prefix))
+    resumed = None
+    for message in call:
+        if message.HasField("event"):
+            resumed = message.event.global_sequence
+            break
+    call.cancel()
+    assert resumed is not None and resumed > first[-1], (first, resumed)
+    print(f"subscribe: {consumer} processed {first}, resumed at {resumed}")
+
+
+def consumer_group_member(store, prefix):
+    """A group member gets its partitions, then events of those partitions; it checkpoints per
+    partition as "<group>/<partition>"."""
+    group = f"billing-{uuid.uuid4().hex[:8]}"
+    call = store.Subscribe(pb.SubscribeRequest(group=group, member="worker-1",
+                                               stream_prefix=prefix))
+    owned, got = None, None
+    for message in call:
+        if message.HasField("assignment"):
+            owned = set(message.assignment.partitions)
+        elif message.HasField("event") and owned:
+            got = message.event
+            break
+    call.cancel()
+    assert got is not None and got.partition in owned, (owned, got)
+    store.SaveCheckpoint(pb.SaveCheckpointRequest(
+        consumer_id=f"{group}/{got.partition}", sequence=got.global_sequence))
+    print(f"group: worker-1 owns {len(owned)} partitions, got #{got.global_sequence}"
+          f" in partition {got.partition}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--addr", default="localhost:50051")
+    parser.add_argument("--token", default=None)
+    args = parser.parse_args()
+
+    channel = grpc.insecure_channel(args.addr)
+    if args.token:
+        # Tokens over plaintext only on a trusted network (or localhost): use TLS otherwise.
+        channel = grpc.intercept_channel(channel, BearerToken(args.token))
+    store = pb_grpc.EventStoreStub(channel)
+
+    run = uuid.uuid4().hex[:8]
+    prefix = f"py-{run}-"
+    fence = append_with_optimistic_concurrency(store, f"{prefix}order-1")
+    store.Append(pb.AppendRequest(stream_id=f"{prefix}order-2",
+                                  events=[event("OrderPlaced", {"total": 7})]))
+    conflict_details(store, f"{prefix}order-1")
+    load(store, f"{prefix}order-1", fence)
+    read_all_pages(store, prefix)
+    subscribe_with_checkpoint(store, prefix)
+    consumer_group_member(store, prefix)
+    print("python example: all flows passed")
+
+
+class CallDetails(
+        collections.namedtuple("CallDetails", ("method", "timeout", "metadata", "credentials",
+                                               "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, d):
+        metadata = list(d.metadata or []) + [self.header]
+        return CallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready,
+                           d.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (AssertionError, grpc.RpcError) as err:
+        print(f"python example failed: {err!r}", file=sys.stderr)
+        sys.exit(1)
