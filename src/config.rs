@@ -631,7 +631,7 @@ impl Config {
         c
     }
 
-    /// Every setting of the model with its value here, sorted by key.
+    /// Every setting of the model with its value here, in the order of the file.
     pub fn settings(&self) -> Vec<Setting> {
         fn walk(prefix: &str, v: serde_json::Value, out: &mut Vec<Setting>) {
             match v {

@@ -426,18 +426,16 @@ impl Metrics {
         }
     }
 
-    /// Records a pool's counts.
-    pub fn set_pool(&self, pool: &str, state: crate::store::db::PoolState) {
+    /// Records a pool's counts: open connections, idle ones, callers waiting for one.
+    pub fn set_pool(&self, pool: &str, connections: u32, idle: u32, waiting: i64) {
         let labels = PoolLabels {
             pool: pool.to_owned(),
         };
         self.pool_connections
             .get_or_create(&labels)
-            .set(i64::from(state.connections));
-        self.pool_idle
-            .get_or_create(&labels)
-            .set(i64::from(state.idle));
-        self.pool_waiting.get_or_create(&labels).set(state.waiting);
+            .set(i64::from(connections));
+        self.pool_idle.get_or_create(&labels).set(i64::from(idle));
+        self.pool_waiting.get_or_create(&labels).set(waiting);
     }
 
     /// The OpenMetrics text exposition.

@@ -105,9 +105,15 @@ impl Store {
         let weak = Arc::downgrade(&store.inner);
         metrics.on_scrape(move |m| {
             if let Some(inner) = weak.upgrade() {
-                m.set_pool("primary", inner.pool.state());
-                for r in inner.router.replicas() {
-                    m.set_pool(&r.name, r.pool_state());
+                let pools = std::iter::once(("primary", inner.pool.state())).chain(
+                    inner
+                        .router
+                        .replicas()
+                        .iter()
+                        .map(|r| (r.name.as_str(), r.pool_state())),
+                );
+                for (name, s) in pools {
+                    m.set_pool(name, s.connections, s.idle, s.waiting);
                 }
                 m.writer_queue.set(inner.writer.queued() as i64);
             }
