@@ -341,3 +341,40 @@ async fn config_check_prints_the_effective_settings_without_secrets() {
     assert_eq!(code, 1);
     assert!(err.contains("commit_timeout"), "{err}");
 }
+
+#[tokio::test]
+async fn serve_help_names_each_flags_variable_and_default() {
+    let (code, help, _) = run(pgstore().args(["serve", "--help"])).await;
+    assert_eq!(code, 0);
+    let (_, defaults, _) = run(pgstore().args(["config", "check", "--format", "env"])).await;
+    // "--listen <ADDR>  Address ... [env: PGSTORE_LISTEN] [default: 127.0.0.1:50051]"
+    let help = help.replace('\n', " ");
+    let mut checked = 0;
+    for flag in help.split("  --").skip(1) {
+        let name = flag.split_whitespace().next().unwrap();
+        if name == "config" || name == "help" {
+            continue;
+        }
+        let env = flag
+            .split("[env: ")
+            .nth(1)
+            .and_then(|r| r.split(']').next())
+            .unwrap_or_else(|| panic!("--{name} names no variable: {flag}"));
+        let default = flag
+            .split("[default: ")
+            .nth(1)
+            .and_then(|r| r.split(']').next())
+            .unwrap_or_else(|| panic!("--{name} names no default: {flag}"));
+        let actual = if default == "none" {
+            format!("# {env} is not set")
+        } else {
+            format!("{env}={default}")
+        };
+        assert!(
+            defaults.lines().any(|l| l == actual),
+            "--{name}: help says {env} defaults to {default}, config check says otherwise"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6, "{help}");
+}
