@@ -378,3 +378,88 @@ async fn serve_help_names_each_flags_variable_and_default() {
     }
     assert!(checked >= 6, "{help}");
 }
+
+/// The client commands speak TLS, mutual TLS and bearer tokens.
+#[tokio::test]
+async fn health_and_tail_over_mutual_tls_with_a_token() {
+    let dir = std::env::temp_dir().join(format!("pgstore-ops-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new("pgstore test CA");
+    let (server_cert, server_key) = ca.issue("events.internal");
+    let (client_cert, client_key) = ca.issue("ops");
+    let file = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let ca_file = file("ca.pem", &ca.cert.pem());
+    let cert_file = file("client.pem", &client_cert);
+    let key_file = file("client.key", &client_key);
+    let token = "ops-token-0123456789abcdef";
+    let token_file = file("token", &format!("{token}\n"));
+    let mut config = test_config(&fresh_db().await);
+    config.tls.cert_file = Some(file("server.pem", &server_cert).into());
+    config.tls.key_file = Some(file("server.key", &server_key).into());
+    config.tls.client_ca_file = Some(ca_file.clone().into());
+    config.auth.tokens = vec![token.into()];
+    let server = Server::spawn(config).await;
+    let addr = format!("https://127.0.0.1:{}", server.addr.port());
+    let tls = [
+        "--ca-file",
+        &ca_file,
+        "--cert-file",
+        &cert_file,
+        "--key-file",
+        &key_file,
+        "--tls-server-name",
+        "events.internal",
+    ];
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = run(pgstore().args(["health", "--addr", &addr]).args(tls)).await;
+        if code == 0 {
+            assert!(out.contains("SERVING"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Without the client certificate, or trusting nobody: refused, and said so on one line.
+    let (code, _, err) = run(pgstore().args([
+        "health",
+        "--addr",
+        &addr,
+        "--ca-file",
+        &ca_file,
+        "--tls-server-name",
+        "events.internal",
+    ]))
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // tail needs the token as well as the certificate.
+    let (code, _, err) = run(pgstore()
+        .args(["tail", "--from-start", "--addr", &addr])
+        .args(tls))
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    let mut child = pgstore()
+        .args(["tail", "--from-start", "--format", "text", "--addr", &addr])
+        .args(tls)
+        .args(["--token-file", &token_file])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("a line in time")
+        .unwrap()
+        .unwrap();
+    assert!(line.starts_with("-- caught up at sequence 0"), "{line}");
+    child.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
