@@ -398,17 +398,23 @@ impl Metrics {
             .push(Box::new(hook));
     }
 
-    /// Records a call answered with `code` after `elapsed`.
-    pub fn rpc(&self, service: &str, method: &str, code: tonic::Code, elapsed: Duration) {
+    /// The call counter and latency histogram of one service, method and code (handles that
+    /// share their values with the registry's series).
+    pub fn rpc_series(
+        &self,
+        service: &str,
+        method: &str,
+        code: tonic::Code,
+    ) -> (Counter, Histogram) {
         let labels = RpcLabels {
             service: service.to_owned(),
             method: method.to_owned(),
             code: code_name(code),
         };
-        self.rpc_requests.get_or_create(&labels).inc();
-        self.rpc_duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+        (
+            self.rpc_requests.get_or_create_owned(&labels),
+            self.rpc_duration.get_or_create_owned(&labels),
+        )
     }
 
     /// Records the replicas as just probed.

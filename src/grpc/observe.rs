@@ -8,8 +8,8 @@
 //! the number of series.
 
 use std::{
-    collections::HashSet,
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Instant,
 };
@@ -21,17 +21,47 @@ use tower::{Layer, Service};
 
 use crate::metrics::Metrics;
 
+/// One method's series, resolved once per status code on first use: recording a call costs a
+/// path lookup, a counter increment and a histogram observation, no allocation.
+struct MethodSeries {
+    service: String,
+    method: String,
+    by_code: [OnceLock<(Counter, Histogram)>; 17],
+}
+
+type Counter = prometheus_client::metrics::counter::Counter;
+type Histogram = prometheus_client::metrics::histogram::Histogram;
+
+impl MethodSeries {
+    fn new(service: &str, method: &str) -> Arc<Self> {
+        Arc::new(MethodSeries {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            by_code: Default::default(),
+        })
+    }
+
+    fn record(&self, metrics: &Metrics, code: tonic::Code, seconds: f64) {
+        let slot = &self.by_code[(code as usize).min(16)];
+        let (count, duration) =
+            slot.get_or_init(|| metrics.rpc_series(&self.service, &self.method, code));
+        count.inc();
+        duration.observe(seconds);
+    }
+}
+
 /// The layer.
 #[derive(Clone)]
 pub struct ObserveLayer {
     metrics: Arc<Metrics>,
-    known: Arc<HashSet<String>>,
+    known: Arc<HashMap<String, Arc<MethodSeries>>>,
+    unknown: Arc<MethodSeries>,
 }
 
 impl ObserveLayer {
     /// Records into `metrics`; the methods of the API, health and reflection are known.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        let mut known = HashSet::new();
+        let mut known = HashMap::new();
         for set in [
             crate::proto::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -41,19 +71,25 @@ impl ObserveLayer {
                 for service in &file.service {
                     let full = format!("{}.{}", file.package(), service.name());
                     for method in &service.method {
-                        known.insert(format!("/{full}/{}", method.name()));
+                        known.insert(
+                            format!("/{full}/{}", method.name()),
+                            MethodSeries::new(&full, method.name()),
+                        );
                     }
                 }
             }
         }
         for version in ["v1", "v1alpha"] {
-            known.insert(format!(
-                "/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
-            ));
+            let service = format!("grpc.reflection.{version}.ServerReflection");
+            known.insert(
+                format!("/{service}/ServerReflectionInfo"),
+                MethodSeries::new(&service, "ServerReflectionInfo"),
+            );
         }
         ObserveLayer {
             metrics,
             known: Arc::new(known),
+            unknown: MethodSeries::new("unknown", "unknown"),
         }
     }
 }
@@ -90,14 +126,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let path = req.uri().path();
-        let (service, method) = match path.rsplit_once('/') {
-            Some((service, method)) if self.layer.known.contains(path) => (
-                service.trim_start_matches('/').to_owned(),
-                method.to_owned(),
-            ),
-            _ => ("unknown".to_owned(), "unknown".to_owned()),
-        };
+        let series = self
+            .layer
+            .known
+            .get(req.uri().path())
+            .unwrap_or(&self.layer.unknown)
+            .clone();
         let metrics = self.layer.metrics.clone();
         let started = Instant::now();
         let call = self.inner.call(req);
@@ -109,7 +143,7 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<i32>().ok())
                 .map_or(tonic::Code::Ok, tonic::Code::from_i32);
-            metrics.rpc(&service, &method, code, started.elapsed());
+            series.record(&metrics, code, started.elapsed().as_secs_f64());
             Ok(response)
         })
     }
