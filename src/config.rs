@@ -419,6 +419,9 @@ pub struct Limits {
     /// A Load or ReadFrom page stops before it grows past this many bytes (a single larger event
     /// is still returned alone); the cursor in the answer continues after the last event sent.
     pub max_response_bytes: usize,
+    /// A filtered ReadFrom (or Subscribe catch-up page) looks at most this many sequences: when
+    /// fewer events match, the page is short and its cursor moves past the window.
+    pub max_scan_window: u64,
 }
 
 /// Server behaviour.
@@ -527,6 +530,7 @@ impl Default for Limits {
             default_page_size: 1000,
             max_page_size: 10_000,
             max_response_bytes: 3 * 1024 * 1024,
+            max_scan_window: 100_000,
         }
     }
 }
@@ -783,6 +787,7 @@ impl Config {
             || l.max_event_bytes == 0
             || l.max_events_per_append == 0
             || l.max_page_size == 0
+            || l.max_scan_window == 0
         {
             return bad("limits", "limits must be at least 1".into());
         }
@@ -909,6 +914,7 @@ impl Config {
             },
             max_buffered_bytes: self.live.max_buffered_bytes,
             stall_timeout: self.live.stall_timeout,
+            max_scan_window: self.limits.max_scan_window,
         }
     }
 

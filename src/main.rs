@@ -70,6 +70,9 @@ enum Command {
             conflicts_with = "database_url"
         )]
         database_url_file: Option<PathBuf>,
+        /// Print the migrations that would be applied, with their SQL, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Ask a server whether it is serving (gRPC health check): exit status 0 when SERVING,
     /// 1 with a one-line reason otherwise.
@@ -309,6 +312,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Migrate {
             database_url,
             database_url_file,
+            dry_run,
         } => {
             init_tracing("human", "info");
             let database_url = match (database_url, database_url_file) {
@@ -336,6 +340,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let config = parse_database_url(&database_url)
                 .map_err(|e| pgstore::Error::invalid("database_url", e))?;
             let mut conn = pgstore::store::db::connect(&config).await?;
+            if dry_run {
+                let pending = pgstore::store::migrate::pending(&conn.client).await?;
+                if pending.is_empty() {
+                    println!("the schema is up to date: nothing to apply");
+                }
+                for m in pending {
+                    let how = if m.transactional {
+                        "in one transaction"
+                    } else {
+                        "statement by statement, outside a transaction (online)"
+                    };
+                    println!("would apply {:04}_{} {how}:", m.version, m.name);
+                    for line in m.sql.lines() {
+                        println!("    {line}");
+                    }
+                }
+                return Ok(());
+            }
             let applied = pgstore::store::migrate::migrate(&mut conn.client).await?;
             println!("applied {applied} migration(s)");
             Ok(())

@@ -285,6 +285,7 @@ impl EventStore for EventStoreService {
             event_types: r.event_types,
             stream_prefix: r.stream_prefix,
             partitions: None,
+            window: self.limits.max_scan_window,
         };
         let mut page = self.store.read_log_paging(r.min_sequence, &q).await?;
         let mut next_sequence = page.next_sequence;

@@ -28,6 +28,8 @@ pub struct LiveConfig {
     pub max_buffered_bytes: usize,
     /// How long a full queue may stay full before the subscriber is cut off.
     pub stall_timeout: Duration,
+    /// A filtered catch-up page looks at most this many sequences (`limits.max_scan_window`).
+    pub max_scan_window: u64,
 }
 
 /// Lock settings.

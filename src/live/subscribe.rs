@@ -509,6 +509,7 @@ async fn catch_up(
             event_types: sub.event_types.clone(),
             stream_prefix: sub.stream_prefix.clone(),
             partitions,
+            window: ctx.config.max_scan_window,
         };
         let page = match ahead.take() {
             Some((start, read)) if start == from => read
@@ -520,7 +521,8 @@ async fn catch_up(
                 .map_err(ReadError::Db)?,
         };
         ctx.hub.advance(page.head);
-        let full = page.events.len() >= q.limit as usize;
+        // More to read: the page was full, or its filter window ended before the head.
+        let full = page.next_sequence <= page.head;
         if full {
             let next = read::ReadQuery {
                 from_sequence: page.next_sequence,

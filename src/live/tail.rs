@@ -160,6 +160,7 @@ pub async fn run(
                     event_types: Vec::new(),
                     stream_prefix: String::new(),
                     partitions: None,
+                    window: 0,
                 };
                 let page = store.read_log(0, &q).await?;
                 hub.advance(page.head);

@@ -51,14 +51,19 @@ const LOAD_BACKWARDS: &str = concat!(
 
 /// ReadFrom's statement for one combination of filters (bit 0: event types, bit 1: stream prefix,
 /// bit 2: partitions). One statement per combination, so that an unfiltered read evaluates no
-/// filter at all. Parameters: `$1` from, `$2` limit, then those of the filters present, in that
-/// order. No outer `ORDER BY`: the single head row's nested loop returns the inner index scan's
+/// filter at all. Parameters: `$1` from, `$2` limit, `$3` the end of the scan window (exclusive;
+/// filtered reads only), then those of the filters present, in that order. A filtered read looks
+/// at `[from, end)` only: with the `(event_type, seq)` index a type filter reads matching rows
+/// only; a prefix or partition filter reads at most the window's rows. No outer `ORDER BY`: the single head row's nested loop returns the inner index scan's
 /// rows in its order (sorting would hold every row back until the last); [`read_from`] checks
 /// that sequences ascend.
 static READ_FROM: LazyLock<[String; 8]> = LazyLock::new(|| {
     std::array::from_fn(|bits| {
         let mut filters = String::new();
-        let mut n = 2;
+        let mut n = if bits == 0 { 2 } else { 3 };
+        if bits != 0 {
+            filters += " AND e.seq < $3";
+        }
         let mut param = || {
             n += 1;
             n
@@ -131,6 +136,9 @@ pub struct ReadQuery {
     pub stream_prefix: String,
     /// Consumer-group partition filter (None = all).
     pub partitions: Option<Partitions>,
+    /// With a filter, look at most at this many sequences from `from_sequence` (0 = up to the
+    /// head). Bounds the work of a call whatever the filter matches.
+    pub window: u64,
 }
 
 /// Only events whose `partition_key % count` is one of `owned`.
@@ -222,7 +230,18 @@ pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
         ),
         None => (Vec::new(), 1),
     };
+    let window = if q.window == 0 {
+        i64::MAX
+    } else {
+        i64::try_from(q.window).unwrap_or(i64::MAX)
+    };
+    let end = from.saturating_add(window);
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from, &limit];
+    let filtered =
+        !q.event_types.is_empty() || !q.stream_prefix.is_empty() || q.partitions.is_some();
+    if filtered {
+        params.push(&end);
+    }
     let mut bits = 0;
     if !q.event_types.is_empty() {
         bits |= 1;
@@ -263,8 +282,8 @@ pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
     }
     let next_sequence = match events.last() {
         Some(last) if events.len() >= q.limit as usize => last.seq + 1,
-        // Fewer than asked: everything up to the head was scanned.
-        _ => (head + 1).max(from as u64),
+        // Fewer than asked: everything up to the head, or to the end of the window, was scanned.
+        _ => (head + 1).min(end as u64).max(from as u64),
     };
     Ok(LogPage {
         events,
