@@ -216,3 +216,53 @@ async fn a_replica_too_far_behind_leaves_the_rotation_until_it_catches_up() {
     let lag = setup.label("pgstore_replica_lag");
     assert!(metric(metrics_port, &lag).await <= 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscribe_catch_up_reads_from_the_replica() {
+    let setup = Setup::start("0s", |c| c.live.page_size = 100).await;
+    let (server, metrics_port) = (&setup.server, setup.metrics_port);
+    let mut c = server.client().await;
+    let h = append_many(&mut c, 1000, "catch-up", 7).await;
+    // The replica has replayed everything once a fenced read is served by it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = metric(metrics_port, "pgstore_replica_reads_total").await;
+        c.read_from(proto::ReadFromRequest {
+            from_sequence: h,
+            limit: 1,
+            min_sequence: h,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        if metric(metrics_port, "pgstore_replica_reads_total").await > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replica never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (replica_before, primary_before) = (
+        metric(metrics_port, "pgstore_replica_reads_total").await,
+        metric(metrics_port, "pgstore_primary_reads_total").await,
+    );
+    let mut sub = c
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    loop {
+        match sub.next().await.unwrap().unwrap().message {
+            Some(Message::Event(e)) => got.push(e.global_sequence),
+            Some(Message::CaughtUp(_)) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(got, (1..=h).collect::<Vec<_>>());
+    let replica_pages = metric(metrics_port, "pgstore_replica_reads_total").await - replica_before;
+    let primary_pages = metric(metrics_port, "pgstore_primary_reads_total").await - primary_before;
+    assert!(
+        replica_pages >= 10 && primary_pages <= 1,
+        "catch-up pages served by the replica: {replica_pages}, by the primary: {primary_pages}"
+    );
+}

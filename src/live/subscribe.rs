@@ -24,7 +24,7 @@ use super::{context::LiveContext, groups};
 use crate::error::Error;
 use crate::metrics::GaugeGuard;
 use crate::proto::{self, subscribe_response::Message};
-use crate::store::{Store, db, read};
+use crate::store::{db, read};
 use crate::wire::{EncodedEvent, Frame};
 
 /// A validated Subscribe request.
@@ -516,9 +516,7 @@ async fn catch_up(
                 .await
                 .map_err(|e| ReadError::Db(Error::Internal(e.to_string())))?
                 .map_err(ReadError::Db)?,
-            _ => read_page(ctx.store.clone(), q.clone())
-                .await
-                .map_err(ReadError::Db)?,
+            _ => read_page(ctx, q.clone()).await.map_err(ReadError::Db)?,
         };
         ctx.hub.advance(page.head);
         // More to read: the page was full, or its filter window ended before the head.
@@ -530,7 +528,7 @@ async fn catch_up(
             };
             ahead = Some((
                 page.next_sequence,
-                AbortOnDropHandle::new(tokio::spawn(read_page(ctx.store.clone(), next))),
+                AbortOnDropHandle::new(tokio::spawn(read_page(ctx, next))),
             ));
         }
         for e in &page.events {
@@ -551,10 +549,20 @@ async fn catch_up(
     }
 }
 
-/// One catch-up page from the primary.
-async fn read_page(store: Store, q: read::ReadQuery) -> crate::Result<read::LogPage> {
-    let mut conn = db::get(store.pool()).await?;
-    read::read_from(&mut conn, &q).await
+/// One catch-up page, from a replica when one has replayed far enough, else from the primary.
+/// Any snapshot holds a prefix of the log, so a replica's page never skips an event; the fence
+/// (the page's last sequence, at most the known head) makes every page move forward instead of
+/// re-reading a replica that is behind.
+fn read_page(
+    ctx: &LiveContext,
+    q: read::ReadQuery,
+) -> impl std::future::Future<Output = crate::Result<read::LogPage>> + Send + 'static {
+    let fence = q
+        .from_sequence
+        .saturating_add(u64::from(q.limit).saturating_sub(1))
+        .min(ctx.hub.head());
+    let store = ctx.store.clone();
+    async move { store.read_log(fence, &q).await }
 }
 
 /// Applies a new set of owned partitions: new ones start after their checkpoint.

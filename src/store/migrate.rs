@@ -248,6 +248,6 @@ mod tests {
         let s = statements(sql);
         assert_eq!(s.len(), 2, "{s:?}");
         assert!(s[0].ends_with("CREATE INDEX CONCURRENTLY a ON t (x)"));
-        assert_eq!(s[1], "CREATE INDEX CONCURRENTLY b ON t (y);");
+        assert_eq!(s[1], "CREATE INDEX CONCURRENTLY b ON t (y)");
     }
 }
