@@ -366,6 +366,9 @@ pub struct DatabaseConfig {
     pub changes_channel: String,
     /// NOTIFY channel carrying lock releases (wakes waiting Lock calls on every instance).
     pub locks_channel: String,
+    /// DeleteStream removes a stream's events in transactions of at most this many rows, without
+    /// the global lock, so that appends never wait for a large delete.
+    pub delete_batch_size: u32,
 }
 
 /// Most batches the writer may have in flight.
@@ -500,6 +503,7 @@ impl Default for DatabaseConfig {
             events_channel: "eskit_events".into(),
             changes_channel: "eskit_changes".into(),
             locks_channel: "pgstore_locks".into(),
+            delete_batch_size: 5000,
         }
     }
 }
@@ -665,6 +669,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: String| Err::<(), _>(Error::invalid(key, why));
         self.listen_addr()?;
+        if self.database.delete_batch_size == 0 {
+            return bad("database.delete_batch_size", "must be at least 1".into());
+        }
         if let Some(m) = &self.metrics_listen {
             SocketAddr::from_str(m).map_err(|e| Error::invalid("metrics_listen", e.to_string()))?;
         }

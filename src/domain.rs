@@ -51,6 +51,8 @@ pub enum StreamState {
     Archived = 2,
     /// Never accepts appends again.
     Tombstoned = 3,
+    /// Its events are being removed by DeleteStream: refuses appends, reads as absent.
+    Deleting = 4,
 }
 
 impl StreamState {
@@ -60,6 +62,7 @@ impl StreamState {
             1 => Ok(StreamState::Active),
             2 => Ok(StreamState::Archived),
             3 => Ok(StreamState::Tombstoned),
+            4 => Ok(StreamState::Deleting),
             other => Err(UnknownStreamState(other)),
         }
     }
@@ -76,6 +79,7 @@ impl fmt::Display for StreamState {
             StreamState::Active => "active",
             StreamState::Archived => "archived",
             StreamState::Tombstoned => "tombstoned",
+            StreamState::Deleting => "being deleted",
         })
     }
 }

@@ -155,6 +155,11 @@ async fn serve(
             stop_background.clone(),
         ));
     }
+    background.spawn(finish_abandoned_deletes(
+        store.clone(),
+        config.database.delete_batch_size,
+        stop_background.clone(),
+    ));
     background.spawn(crate::live::tail::run(
         store.clone(),
         hub.clone(),
@@ -221,6 +226,7 @@ async fn serve(
         config.limits.clone(),
         live,
         config.database.changes_channel.clone(),
+        config.database.delete_batch_size,
     ))
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(usize::MAX);
@@ -424,6 +430,34 @@ async fn open_store(
 
 /// Deletes idempotency keys older than `retention`, every tenth of it (at most hourly), in batches
 /// of 10,000 so no transaction runs long.
+/// Every minute, finishes the deletes that an instance left cut short (a stream still
+/// `deleting` five minutes after it was marked).
+async fn finish_abandoned_deletes(store: Store, batch: u32, stop: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(60);
+    const ABANDONED_AFTER: Duration = Duration::from_secs(300);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+        let finished = async {
+            let mut conn = crate::store::db::get(store.pool()).await?;
+            crate::store::lifecycle::finish_abandoned_deletes(&mut conn, ABANDONED_AFTER, batch)
+                .await
+        };
+        match finished.await {
+            Ok(0) => {}
+            Ok(n) => {
+                store.forget_read_ahead();
+                tracing::info!(streams = n, "finished deletes that were cut short");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "finishing cut-short deletes failed; retrying later")
+            }
+        }
+    }
+}
+
 async fn prune_idempotency_keys(
     store: Store,
     retention: Duration,

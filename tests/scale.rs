@@ -213,3 +213,145 @@ async fn dry_run_changes_nothing_and_an_index_left_invalid_is_rebuilt() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
 }
+
+/// A large DeleteStream does not hold the global lock while it deletes: appends to other streams
+/// go on during it. (Holding it, every append would wait for the whole delete.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_delete_does_not_stall_appends() {
+    let url = fresh_db().await;
+    let mut config = test_config(&url);
+    config.database.delete_batch_size = 2000;
+    let server = Server::start(config).await;
+    let mut client = server.client().await;
+    client
+        .append(append("small", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    // 300,000 events in one stream, written straight into the tables (quicker than the API).
+    let pg = raw_client(&url).await;
+    pg.batch_execute(
+        "BEGIN;
+         WITH h AS (UPDATE pgstore.head SET seq = seq + 300000 RETURNING seq - 300000 AS base)
+         INSERT INTO pgstore.events (seq, stream_id, version, event_id, event_type, content_type,
+                                     data, created_at, recorded_at, partition_key)
+         SELECT base + g, 'big', g, gen_random_uuid(), 'E', 'application/json', '{}'::jsonb,
+                now(), now(), 7 FROM h, generate_series(1, 300000) g;
+         INSERT INTO pgstore.streams (stream_id, version) VALUES ('big', 300000);
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+
+    let mut deleter = server.client().await;
+    let delete = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let r = deleter
+            .delete_stream(proto::DeleteStreamRequest {
+                stream_id: "big".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (r.deleted_events, started.elapsed())
+    });
+    // Appends while the delete runs: each one is answered without waiting for the delete.
+    let mut during = Vec::new();
+    while !delete.is_finished() {
+        let started = std::time::Instant::now();
+        client
+            .append(append("small", None, vec![json_event("E", "{}")]))
+            .await
+            .unwrap();
+        during.push(started.elapsed());
+    }
+    let (deleted, took) = delete.await.unwrap();
+    assert_eq!(deleted, 300_000);
+    let slowest = during.iter().max().copied().unwrap_or_default();
+    assert!(
+        during.len() >= 5 && slowest < took / 2,
+        "{} appends during a {took:?} delete, the slowest took {slowest:?}",
+        during.len()
+    );
+
+    // Gone, and the stream id is free again.
+    let err = client
+        .get_stream(proto::GetStreamRequest {
+            stream_id: "big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let r = client
+        .append(append(
+            "big",
+            Some(proto::append_request::ExpectedVersion::NoStream(true)),
+            vec![json_event("E", "{}")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.version, 1);
+}
+
+/// While a stream is being deleted it refuses appends and reads as absent; a delete cut short
+/// is finished by the next DeleteStream.
+#[tokio::test]
+async fn a_stream_being_deleted_refuses_appends_and_a_cut_short_delete_is_finished() {
+    let url = fresh_db().await;
+    let server = Server::fresh_on(&url).await;
+    let mut client = server.client().await;
+    let events = (0..10).map(|_| json_event("E", "{}")).collect();
+    client.append(append("s", None, events)).await.unwrap();
+    // As a delete cut short leaves it: marked, some events already gone.
+    let pg = raw_client(&url).await;
+    pg.batch_execute(
+        "UPDATE pgstore.streams SET state = 4 WHERE stream_id = 's';
+         DELETE FROM pgstore.events WHERE stream_id = 's' AND version <= 4;",
+    )
+    .await
+    .unwrap();
+    let err = client
+        .append(append("s", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("being deleted"), "{}", err.message());
+    let err = client
+        .get_stream(proto::GetStreamRequest {
+            stream_id: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let page = client
+        .load(proto::LoadRequest {
+            stream_id: "s".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        page.as_ref()
+            .map_or(true, |p| p.get_ref().events.is_empty()),
+        "{page:?}"
+    );
+
+    let r = client
+        .delete_stream(proto::DeleteStreamRequest {
+            stream_id: "s".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deleted_events, 6, "the rest");
+    let left: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pgstore.streams WHERE stream_id = 's'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}

@@ -42,6 +42,8 @@ pub struct EventStoreService {
     live: LiveContext,
     /// The NOTIFY channel of projection changes.
     changes_channel: String,
+    /// Rows per transaction of a DeleteStream.
+    delete_batch_size: u32,
 }
 
 /// The largest NOTIFY payload PostgreSQL accepts is 7999 bytes.
@@ -134,12 +136,19 @@ pub fn cap_page(events: &mut Vec<EncodedEvent>, limit: usize) -> Option<usize> {
 
 impl EventStoreService {
     /// A service over `store`.
-    pub fn new(store: Store, limits: Limits, live: LiveContext, changes_channel: String) -> Self {
+    pub fn new(
+        store: Store,
+        limits: Limits,
+        live: LiveContext,
+        changes_channel: String,
+        delete_batch_size: u32,
+    ) -> Self {
         EventStoreService {
             store,
             limits,
             live,
             changes_channel,
+            delete_batch_size,
         }
     }
 
@@ -207,6 +216,8 @@ fn state(s: StreamState) -> i32 {
         StreamState::Active => proto::StreamState::Active,
         StreamState::Archived => proto::StreamState::Archived,
         StreamState::Tombstoned => proto::StreamState::Tombstoned,
+        // Reads never show a stream being deleted (it reads as absent).
+        StreamState::Deleting => proto::StreamState::Unspecified,
     }) as i32
 }
 
@@ -532,7 +543,12 @@ impl EventStore for EventStoreService {
     ) -> Result<Response<proto::DeleteStreamResponse>, Status> {
         let r = req.into_inner();
         validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
-        let deleted_events = lifecycle::delete(&mut *self.conn().await?, &r.stream_id).await?;
+        let deleted_events = lifecycle::delete(
+            &mut *self.conn().await?,
+            &r.stream_id,
+            self.delete_batch_size,
+        )
+        .await?;
         // Pages read ahead before the delete may hold its events.
         self.store.forget_read_ahead();
         Ok(Response::new(proto::DeleteStreamResponse {

@@ -5,12 +5,20 @@
 //! ```text
 //!   absent --append--> active --archive--> archived --restore--> active
 //!   absent | active | archived --tombstone--> tombstoned   (terminal: never accepts appends)
-//!   active | archived --delete--> absent                   (events and snapshot removed)
+//!   active | archived --delete--> deleting --> absent      (events and snapshot removed)
 //!   tombstoned --delete--> tombstoned                      (events removed, tombstone kept)
 //! ```
 //!
-//! Archive, tombstone and restore are idempotent. Every change takes the global head lock, the
-//! one the writer holds while it checks stream states, so no append can slip past a state change.
+//! Archive, tombstone and restore are idempotent. Every change of state takes the global head
+//! lock, the one the writer holds while it checks stream states, so no append can slip past a
+//! state change.
+//!
+//! A delete holds that lock only to change states, never while rows are deleted (that would stall
+//! every append for as long as a large stream takes to delete): it marks the stream `deleting`
+//! (appends are refused, reads see no stream), deletes its events in batches of
+//! `database.delete_batch_size`, each its own short transaction, then drops the stream's row.
+//! A delete cut short (the instance died) is finished by the next DeleteStream of that stream or
+//! by [`finish_abandoned_deletes`].
 
 use std::time::SystemTime;
 
@@ -35,18 +43,27 @@ pub struct StreamInfo {
 }
 
 const GET: &str = "SELECT version, state, tombstone_reason, created_at, updated_at \
-     FROM pgstore.streams WHERE stream_id = $1";
+     FROM pgstore.streams WHERE stream_id = $1 AND state <> 4";
 const LOCK_HEAD: &str = "SELECT seq FROM pgstore.head FOR UPDATE";
-const STATE_FOR_UPDATE: &str = "SELECT state FROM pgstore.streams WHERE stream_id = $1 FOR UPDATE";
+const STATE_FOR_UPDATE: &str =
+    "SELECT state FROM pgstore.streams WHERE stream_id = $1 AND state <> 4 FOR UPDATE";
+/// Delete's view: a stream left `deleting` by a delete cut short is found, to be finished.
+const DELETE_STATE_FOR_UPDATE: &str =
+    "SELECT state FROM pgstore.streams WHERE stream_id = $1 FOR UPDATE";
 const SET_STATE: &str =
     "UPDATE pgstore.streams SET state = $2, updated_at = now() WHERE stream_id = $1";
 const TOMBSTONE: &str = "INSERT INTO pgstore.streams (stream_id, version, state, tombstone_reason) \
      VALUES ($1, 0, 3, $2) \
      ON CONFLICT (stream_id) DO UPDATE SET state = 3, tombstone_reason = EXCLUDED.tombstone_reason, \
        updated_at = now() WHERE pgstore.streams.state <> 3";
-const DELETE_EVENTS: &str = "DELETE FROM pgstore.events WHERE stream_id = $1";
+const MARK_DELETING: &str =
+    "UPDATE pgstore.streams SET state = 4, updated_at = now() WHERE stream_id = $1";
+const DELETE_EVENTS_BATCH: &str = "DELETE FROM pgstore.events WHERE seq IN \
+     (SELECT seq FROM pgstore.events WHERE stream_id = $1 LIMIT $2)";
 const DELETE_SNAPSHOT: &str = "DELETE FROM pgstore.snapshots WHERE stream_id = $1";
-const DELETE_STREAM: &str = "DELETE FROM pgstore.streams WHERE stream_id = $1";
+const DROP_DELETED: &str = "DELETE FROM pgstore.streams WHERE stream_id = $1 AND state = 4";
+const ABANDONED: &str = "SELECT stream_id FROM pgstore.streams \
+     WHERE state = 4 AND updated_at < now() - make_interval(secs => $1) LIMIT 100";
 
 /// A stream's status; `NotFound` when absent.
 pub async fn get(conn: &mut PgConn, stream_id: &str) -> Result<StreamInfo> {
@@ -123,26 +140,88 @@ async fn transition(
     .await
 }
 
-/// Deletes a stream's events and snapshot; returns how many events were removed.
-pub async fn delete(conn: &mut PgConn, stream_id: &str) -> Result<u64> {
-    let get_state = conn.stmt(STATE_FOR_UPDATE).await.map_err(db_err)?;
-    let delete_events = conn.stmt(DELETE_EVENTS).await.map_err(db_err)?;
-    let delete_snapshot = conn.stmt(DELETE_SNAPSHOT).await.map_err(db_err)?;
-    let delete_stream = conn.stmt(DELETE_STREAM).await.map_err(db_err)?;
-    locked(conn, async |tx| {
+/// Deletes a stream's events and snapshot; returns how many events were removed. The global lock
+/// is held only to mark the stream `deleting` and to drop its row, not while events are deleted.
+pub async fn delete(conn: &mut PgConn, stream_id: &str, batch: u32) -> Result<u64> {
+    let get_state = conn.stmt(DELETE_STATE_FOR_UPDATE).await.map_err(db_err)?;
+    let mark = conn.stmt(MARK_DELETING).await.map_err(db_err)?;
+    let state = locked(conn, async |tx| {
         let Some(row) = tx.query_opt(&get_state, &[&stream_id]).await? else {
             return Ok(Err(Error::StreamNotFound {
                 stream_id: stream_id.to_owned(),
             }));
         };
-        let deleted = tx.execute(&delete_events, &[&stream_id]).await?;
-        tx.execute(&delete_snapshot, &[&stream_id]).await?;
-        if row.get::<_, i16>(0) != StreamState::Tombstoned as i16 {
-            tx.execute(&delete_stream, &[&stream_id]).await?;
+        let state = match StreamState::from_code(row.get(0)) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if matches!(state, StreamState::Active | StreamState::Archived) {
+            tx.execute(&mark, &[&stream_id]).await?;
         }
-        Ok(Ok(deleted))
+        Ok(Ok(state))
     })
-    .await
+    .await?;
+    remove_events(conn, stream_id, batch, state == StreamState::Tombstoned).await
+}
+
+/// Deletes the events of a stream that is `deleting` (or tombstoned) in batches, then its
+/// snapshot, then (unless tombstoned) its row.
+async fn remove_events(
+    conn: &mut PgConn,
+    stream_id: &str,
+    batch: u32,
+    tombstoned: bool,
+) -> Result<u64> {
+    let delete_batch = conn.stmt(DELETE_EVENTS_BATCH).await.map_err(db_err)?;
+    let delete_snapshot = conn.stmt(DELETE_SNAPSHOT).await.map_err(db_err)?;
+    let drop_row = conn.stmt(DROP_DELETED).await.map_err(db_err)?;
+    let limit = i64::from(batch.max(1));
+    let mut deleted = 0;
+    loop {
+        // Its own transaction: row locks on these events only, held for one batch.
+        let n = conn
+            .client
+            .execute(&delete_batch, &[&stream_id, &limit])
+            .await
+            .map_err(db_err)?;
+        deleted += n;
+        if n < limit as u64 {
+            break;
+        }
+    }
+    conn.client
+        .execute(&delete_snapshot, &[&stream_id])
+        .await
+        .map_err(db_err)?;
+    if !tombstoned {
+        // No append can have added events meanwhile: the stream refused them while deleting.
+        conn.client
+            .execute(&drop_row, &[&stream_id])
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(deleted)
+}
+
+/// Finishes deletes that were cut short (the stream still `deleting` `older_than` after its
+/// last change). Returns how many streams were finished.
+pub async fn finish_abandoned_deletes(
+    conn: &mut PgConn,
+    older_than: std::time::Duration,
+    batch: u32,
+) -> Result<usize> {
+    let find = conn.stmt(ABANDONED).await.map_err(db_err)?;
+    let rows = conn
+        .client
+        .query(&find, &[&older_than.as_secs_f64()])
+        .await
+        .map_err(db_err)?;
+    for row in &rows {
+        let stream_id: String = row.get(0);
+        tracing::info!(stream_id = %stream_id, "finishing a delete that was cut short");
+        remove_events(conn, &stream_id, batch, false).await?;
+    }
+    Ok(rows.len())
 }
 
 /// Runs `f` in a transaction holding the global head lock. `f` returns a domain result inside a

@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "events_type_seq",
         include_str!("../../migrations/0008_events_type_seq.sql"),
     ),
+    (
+        9,
+        "stream_deleting",
+        include_str!("../../migrations/0009_stream_deleting.sql"),
+    ),
 ];
 
 /// A migration not applied yet.

@@ -27,7 +27,7 @@ macro_rules! event_columns {
 
 const LOAD_FORWARDS: &str = concat!(
     "WITH h AS (SELECT seq FROM pgstore.head), \
-          s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1) \
+          s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1 AND state <> 4) \
      SELECT h.seq, s.version, s.state, ",
     event_columns!(),
     " FROM h LEFT JOIN s ON true LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
@@ -39,7 +39,7 @@ const LOAD_FORWARDS: &str = concat!(
 
 const LOAD_BACKWARDS: &str = concat!(
     "WITH h AS (SELECT seq FROM pgstore.head), \
-          s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1) \
+          s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1 AND state <> 4) \
      SELECT h.seq, s.version, s.state, ",
     event_columns!(),
     " FROM h LEFT JOIN s ON true LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \

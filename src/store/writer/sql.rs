@@ -137,7 +137,8 @@ pub(super) async fn read_under_lock(
     let head: i64 = head_row.get(0);
     let mut streams = HashMap::with_capacity(stream_rows.len());
     for r in stream_rows {
-        let state = StreamState::from_code(r.get(2)).unwrap_or(StreamState::Active);
+        // A state this version does not know (from a newer pgstore) refuses appends.
+        let state = StreamState::from_code(r.get(2)).unwrap_or(StreamState::Deleting);
         streams.insert(r.get::<_, String>(0), (r.get::<_, i64>(1) as u64, state));
     }
     let event_ids = id_rows
