@@ -503,7 +503,7 @@ impl Default for DatabaseConfig {
             events_channel: "eskit_events".into(),
             changes_channel: "eskit_changes".into(),
             locks_channel: "pgstore_locks".into(),
-            delete_batch_size: 5000,
+            delete_batch_size: 1000,
         }
     }
 }

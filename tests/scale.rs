@@ -355,3 +355,55 @@ async fn a_stream_being_deleted_refuses_appends_and_a_cut_short_delete_is_finish
         .get(0);
     assert_eq!(left, 0);
 }
+
+/// A delete that outlasts the request deadline is answered DEADLINE_EXCEEDED and still finishes.
+#[tokio::test]
+async fn a_delete_past_the_request_deadline_still_finishes() {
+    let url = fresh_db().await;
+    let mut config = test_config(&url);
+    config.server.request_timeout = std::time::Duration::from_millis(200);
+    config.database.delete_batch_size = 500;
+    let server = Server::start(config).await;
+    let mut client = server.client().await;
+    client
+        .append(append("other", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap();
+    let pg = raw_client(&url).await;
+    pg.batch_execute(
+        "BEGIN;
+         WITH h AS (UPDATE pgstore.head SET seq = seq + 200000 RETURNING seq - 200000 AS base)
+         INSERT INTO pgstore.events (seq, stream_id, version, event_id, event_type, content_type,
+                                     data, created_at, recorded_at, partition_key)
+         SELECT base + g, 'big', g, gen_random_uuid(), 'E', 'application/json', '{}'::jsonb,
+                now(), now(), 7 FROM h, generate_series(1, 200000) g;
+         INSERT INTO pgstore.streams (stream_id, version) VALUES ('big', 200000);
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let err = client
+        .delete_stream(proto::DeleteStreamRequest {
+            stream_id: "big".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left: i64 = pg
+            .query_one(
+                "SELECT (SELECT count(*) FROM pgstore.events WHERE stream_id = 'big') \
+                      + (SELECT count(*) FROM pgstore.streams WHERE stream_id = 'big')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{left} rows left");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

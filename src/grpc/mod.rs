@@ -543,12 +543,20 @@ impl EventStore for EventStoreService {
     ) -> Result<Response<proto::DeleteStreamResponse>, Status> {
         let r = req.into_inner();
         validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
-        let deleted_events = lifecycle::delete(
-            &mut *self.conn().await?,
-            &r.stream_id,
-            self.delete_batch_size,
-        )
-        .await?;
+        let state = lifecycle::mark_for_delete(&mut *self.conn().await?, &r.stream_id).await?;
+        // The events are removed by a task of its own: a caller that gives up (or the request
+        // deadline) does not leave the delete half done.
+        let (store, batch, stream_id) = (self.store.clone(), self.delete_batch_size, r.stream_id);
+        let removal = tokio::spawn(async move {
+            let mut conn = db::get(store.pool()).await?;
+            let tombstoned = state == StreamState::Tombstoned;
+            let n = lifecycle::remove_events(&mut conn, &stream_id, batch, tombstoned).await;
+            store.forget_read_ahead();
+            n
+        });
+        let deleted_events = removal
+            .await
+            .map_err(|e| Error::Internal(format!("delete task: {e}")))??;
         // Pages read ahead before the delete may hold its events.
         self.store.forget_read_ahead();
         Ok(Response::new(proto::DeleteStreamResponse {
