@@ -369,6 +369,10 @@ pub struct DatabaseConfig {
     /// DeleteStream removes a stream's events in transactions of at most this many rows, without
     /// the global lock, so that appends never wait for a large delete.
     pub delete_batch_size: u32,
+    /// Rows of consumer-group members and locks idle for longer than this are deleted in the
+    /// background (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub dead_row_retention: Duration,
 }
 
 /// Most batches the writer may have in flight.
@@ -387,8 +391,8 @@ pub struct WriterSection {
     /// Most batches in flight at once on the writer's connection: the next is sent while the
     /// one before it commits, so PostgreSQL does not wait for the writer between batches.
     pub pipeline_depth: usize,
-    /// How long an idempotency key is remembered; forever when absent. Older keys are deleted in
-    /// the background, and a retry with one is a new append.
+    /// How long an idempotency key is remembered (`0s`: forever). Older keys are deleted in the
+    /// background, and a retry with one is a new append.
     #[serde(with = "humantime_serde")]
     pub idempotency_key_retention: Option<Duration>,
     /// A batch not committed within this long is given up: its callers get UNAVAILABLE with
@@ -504,6 +508,7 @@ impl Default for DatabaseConfig {
             changes_channel: "eskit_changes".into(),
             locks_channel: "pgstore_locks".into(),
             delete_batch_size: 1000,
+            dead_row_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -516,7 +521,7 @@ impl Default for WriterSection {
             max_batch_appends: w.max_batch_appends,
             max_batch_events: w.max_batch_events,
             pipeline_depth: w.pipeline_depth,
-            idempotency_key_retention: None,
+            idempotency_key_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             commit_timeout: w.commit_timeout,
         }
     }
@@ -781,11 +786,11 @@ impl Config {
             );
         }
         if w.idempotency_key_retention
-            .is_some_and(|d| d < Duration::from_secs(1))
+            .is_some_and(|d| d < Duration::from_secs(1) && !d.is_zero())
         {
             return bad(
                 "writer.idempotency_key_retention",
-                "must be at least 1s (or absent: keep keys forever)".into(),
+                "must be at least 1s (or 0s: keep keys forever)".into(),
             );
         }
         let l = &self.limits;

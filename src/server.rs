@@ -147,11 +147,22 @@ async fn serve(
                 .probe_loop(move || hub.head(), stop_background.clone()),
         );
     }
-    if let Some(retention) = config.writer.idempotency_key_retention {
+    if let Some(retention) = config
+        .writer
+        .idempotency_key_retention
+        .filter(|d| !d.is_zero())
+    {
         background.spawn(prune_idempotency_keys(
             store.clone(),
             retention,
             metrics.clone(),
+            stop_background.clone(),
+        ));
+    }
+    if !config.database.dead_row_retention.is_zero() {
+        background.spawn(prune_dead_rows(
+            store.clone(),
+            config.database.dead_row_retention,
             stop_background.clone(),
         ));
     }
@@ -430,6 +441,31 @@ async fn open_store(
 
 /// Deletes idempotency keys older than `retention`, every tenth of it (at most hourly), in batches
 /// of 10,000 so no transaction runs long.
+/// Deletes the rows of group members and locks idle for longer than `after`, every quarter of it
+/// (at most every 10 minutes).
+async fn prune_dead_rows(store: Store, after: Duration, stop: CancellationToken) {
+    let every = (after / 4).clamp(Duration::from_millis(100), Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let pruned = async {
+            let mut conn = crate::store::db::get(store.pool()).await?;
+            let members = crate::live::groups::prune_members(&mut conn, after).await?;
+            let locks = crate::live::locks::prune(&mut conn, after).await?;
+            Ok::<_, Error>((members, locks))
+        };
+        match pruned.await {
+            Ok((0, 0)) => {}
+            Ok((members, locks)) => {
+                tracing::debug!(members, locks, "deleted idle group-member and lock rows")
+            }
+            Err(e) => tracing::warn!(error = %e, "pruning idle rows failed; retrying later"),
+        }
+    }
+}
+
 /// Every minute, finishes the deletes that an instance left cut short (a stream still
 /// `deleting` five minutes after it was marked).
 async fn finish_abandoned_deletes(store: Store, batch: u32, stop: CancellationToken) {

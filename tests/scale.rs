@@ -407,3 +407,67 @@ async fn a_delete_past_the_request_deadline_still_finishes() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Idle lock and group-member rows are deleted after `database.dead_row_retention`; a lock taken
+/// again still gets a higher fencing token than it ever had.
+#[tokio::test]
+async fn idle_lock_and_member_rows_are_pruned_and_tokens_keep_increasing() {
+    use proto::lock_response::Message as Lock;
+    let url = fresh_db().await;
+    let mut config = test_config(&url);
+    config.database.dead_row_retention = std::time::Duration::from_secs(1);
+    let server = Server::start(config).await;
+    let mut client = server.client().await;
+    let pg = raw_client(&url).await;
+    let take = async |client: &mut Client| -> (tonic::Streaming<proto::LockResponse>, u64) {
+        let mut s = client
+            .lock(proto::LockRequest {
+                stream_id: "lk".into(),
+                try_only: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            if let Some(Lock::Granted(g)) = s.next().await.unwrap().unwrap().message {
+                return (s, g.fencing_token);
+            }
+        }
+    };
+    let (held, first) = take(&mut client).await;
+    drop(held);
+    let (held, second) = take(&mut client).await;
+    assert!(second > first);
+    drop(held);
+    // A member that vanished without leaving (its instance died): its lease ran out long ago.
+    pg.batch_execute(
+        "INSERT INTO pgstore.group_members (group_name, member, token, expires_at) \
+         VALUES ('gp', 'ghost', gen_random_uuid(), now() - interval '1 hour')",
+    )
+    .await
+    .unwrap();
+
+    let rows = async || -> i64 {
+        pg.query_one(
+            "SELECT (SELECT count(*) FROM pgstore.locks) + \
+                    (SELECT count(*) FROM pgstore.group_members)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rows().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle rows were not pruned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_held, third) = take(&mut client).await;
+    assert!(
+        third > second,
+        "{third} after {second}: fencing tokens never go back"
+    );
+}

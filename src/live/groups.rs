@@ -256,3 +256,16 @@ async fn tick(
     }
     Ok(owned.len() < share)
 }
+
+/// Deletes the rows of group members whose lease ran out longer than `after` ago (members that
+/// left without saying so). A member that comes back joins anew.
+pub async fn prune_members(conn: &mut db::PgConn, after: Duration) -> crate::Result<u64> {
+    conn.client
+        .execute(
+            "DELETE FROM pgstore.group_members \
+             WHERE expires_at < now() - make_interval(secs => $1)",
+            &[&after.as_secs_f64()],
+        )
+        .await
+        .map_err(db::db_err)
+}

@@ -29,8 +29,9 @@ use crate::store::db;
 /// waiter whose holder vanished retries the moment the lease runs out.
 const ACQUIRE: &str = "WITH acquired AS ( \
        INSERT INTO pgstore.locks AS l (name, owner, fencing_token, lease_until) \
-       VALUES ($1, $2, 1, now() + $3 * interval '1 millisecond') \
-       ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, fencing_token = l.fencing_token + 1, \
+       VALUES ($1, $2, nextval('pgstore.fencing_tokens'), now() + $3 * interval '1 millisecond') \
+       ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, \
+         fencing_token = greatest(EXCLUDED.fencing_token, l.fencing_token + 1), \
          lease_until = EXCLUDED.lease_until \
        WHERE l.owner IS NULL OR l.lease_until < now() \
        RETURNING fencing_token) \
@@ -38,10 +39,12 @@ const ACQUIRE: &str = "WITH acquired AS ( \
        (SELECT extract(epoch FROM lease_until - now())::float8 * 1000 FROM pgstore.locks WHERE name = $1)";
 const RENEW: &str = "UPDATE pgstore.locks SET lease_until = now() + $3 * interval '1 millisecond' \
      WHERE name = $1 AND owner = $2 AND lease_until >= now()";
+/// A released lock keeps `lease_until` at the release time: how long it has been idle, for
+/// pruning ([`prune`]).
 const RELEASE: &str =
-    "UPDATE pgstore.locks SET owner = NULL, lease_until = NULL WHERE name = $1 AND owner = $2";
+    "UPDATE pgstore.locks SET owner = NULL, lease_until = now() WHERE name = $1 AND owner = $2";
 /// Releases and wakes the waiters of every instance, in one statement.
-const RELEASE_NOTIFY: &str = "WITH released AS (UPDATE pgstore.locks SET owner = NULL, lease_until = NULL \
+const RELEASE_NOTIFY: &str = "WITH released AS (UPDATE pgstore.locks SET owner = NULL, lease_until = now() \
      WHERE name = $1 AND owner = $2 RETURNING name) \
      SELECT pg_notify($3, name) FROM released";
 /// The largest NOTIFY payload PostgreSQL takes.
@@ -231,4 +234,16 @@ async fn hold(
             _ = ctx.shutdown.cancelled() => return Err(Status::unavailable("server is shutting down")),
         }
     }
+}
+
+/// Deletes lock rows idle (released, or their lease run out) for longer than `after`. Safe for
+/// fencing: tokens come from one sequence, so a lock taken again gets a higher token.
+pub async fn prune(conn: &mut db::PgConn, after: Duration) -> crate::Result<u64> {
+    conn.client
+        .execute(
+            "DELETE FROM pgstore.locks WHERE lease_until < now() - make_interval(secs => $1)",
+            &[&after.as_secs_f64()],
+        )
+        .await
+        .map_err(db::db_err)
 }

@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "stream_deleting",
         include_str!("../../migrations/0009_stream_deleting.sql"),
     ),
+    (
+        10,
+        "lock_tokens",
+        include_str!("../../migrations/0010_lock_tokens.sql"),
+    ),
 ];
 
 /// A migration not applied yet.
