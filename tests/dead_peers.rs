@@ -135,6 +135,9 @@ async fn a_frozen_client_loses_its_lock_and_slot_within_the_keepalive_bound() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let took = frozen_at.elapsed();
-    assert_eq!(token, 2, "a new grant, with a larger fencing token");
+    assert!(
+        token >= 2,
+        "a new grant, with a larger fencing token than the first (1)"
+    );
     assert!(took < Duration::from_secs(10), "freed after {took:?}");
 }

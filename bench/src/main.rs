@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod growth;
+
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use pgstore::proto::{self, event_store_client::EventStoreClient};
@@ -34,6 +36,10 @@ enum Scenario {
     Live(LiveArgs),
     /// K idle subscriptions held open: server memory per subscriber.
     Idle(IdleArgs),
+    /// Load events through the API until the log holds N.
+    Fill(growth::FillArgs),
+    /// Fill the log to each size in turn; at each, measure appends, catch-up reads and disk.
+    Growth(growth::GrowthArgs),
 }
 
 #[derive(Args, Clone)]
@@ -560,6 +566,8 @@ async fn main() {
         Scenario::Read(a) => read_scenario(a).await,
         Scenario::Live(a) => live_scenario(a).await,
         Scenario::Idle(a) => idle_scenario(a).await,
+        Scenario::Fill(a) => growth::fill_scenario(a).await,
+        Scenario::Growth(a) => growth::growth_scenario(a).await,
     }
 }
 
