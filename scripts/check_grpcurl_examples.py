@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
@@ -30,6 +31,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 STREAM_WAIT = 10.0
+# Pause after a streaming example ends, as a person would before typing the next command.
+SETTLE = 1.0
 
 
 def examples(path):
@@ -129,6 +132,9 @@ class Replay:
                                                              timeout=STREAM_WAIT)
             first = next(iter(call))
             call.cancel()
+            # As after Ctrl-C, give the server a moment to see the call end (a Lock is released
+            # when it does) before the next command.
+            time.sleep(SETTLE)
             return json.loads(json_format.MessageToJson(first))
         response = self.channel.unary_unary(path, **kwargs)(request, metadata=metadata,
                                                             timeout=STREAM_WAIT)
@@ -141,6 +147,7 @@ def run_grpcurl(argv, addr, streaming):
         out = subprocess.run(argv, capture_output=True, text=True,
                              timeout=STREAM_WAIT if streaming else 30)
     except subprocess.TimeoutExpired as e:
+        time.sleep(SETTLE)
         # A stream that was still open: it must have delivered something.
         text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         if not text.strip():
