@@ -34,7 +34,7 @@ pub struct Connect {
     /// A file whose first line is the bearer token.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// How long to wait for the connection and for each answer.
+    /// How long to wait for the connection and, for `health`, the answer.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }
@@ -76,8 +76,7 @@ impl Connect {
         let uri = self.uri();
         let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| format!("bad address {uri}: {e}"))?
-            .connect_timeout(self.timeout)
-            .timeout(self.timeout);
+            .connect_timeout(self.timeout);
         if uri.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             match &self.ca_file {
@@ -97,7 +96,7 @@ impl Connect {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| format!("cannot reach {uri}: {}", error_chain(&e)))?;
+            .map_err(|e| format!("cannot reach {uri}: {}", crate::error::chain(&e)))?;
         Ok(InterceptedService::new(channel, self.token()?))
     }
 
@@ -139,21 +138,6 @@ pub fn default_addr(listen: Option<&str>) -> String {
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// An error and its sources on one line ("transport error: connection refused").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// A gRPC status on one line: its code and message.

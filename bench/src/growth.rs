@@ -89,7 +89,7 @@ pub async fn growth_scenario(a: GrowthArgs) {
             .await
             .max_decoding_message_size(256 * 1024 * 1024);
         let load = load_rate(&mut c).await;
-        let read_from = read_from_rate(&mut c, from, head).await;
+        let read_from = read_from_rate(&mut c, from, head, 1000).await;
         let subscribe = subscribe_rate(&mut c, from).await;
         let sizes = raw
             .query_one(
@@ -233,14 +233,15 @@ async fn load_rate(c: &mut super::Client) -> f64 {
             .as_secs_f64()
 }
 
-async fn read_from_rate(c: &mut super::Client, from: u64, head: u64) -> f64 {
+/// Events per second paging through `[from, head]` with ReadFrom, `page` events a page.
+pub async fn read_from_rate(c: &mut super::Client, from: u64, head: u64, page: u32) -> f64 {
     let started = Instant::now();
     let (mut from, mut n) = (from, 0u64);
     while from <= head {
         let page = c
             .read_from(proto::ReadFromRequest {
                 from_sequence: from,
-                limit: 1000,
+                limit: page,
                 ..Default::default()
             })
             .await
@@ -252,7 +253,8 @@ async fn read_from_rate(c: &mut super::Client, from: u64, head: u64) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn subscribe_rate(c: &mut super::Client, from: u64) -> f64 {
+/// Events per second a subscription from `from` delivers until it reports caught-up.
+pub async fn subscribe_rate(c: &mut super::Client, from: u64) -> f64 {
     let started = Instant::now();
     let mut sub = c
         .subscribe(proto::SubscribeRequest {

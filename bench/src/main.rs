@@ -728,43 +728,8 @@ async fn read_scenario(a: ReadArgs) {
         .await
         .max_decoding_message_size(256 * 1024 * 1024);
 
-    let started = Instant::now();
-    let mut from = 1;
-    let mut n = 0u64;
-    while from <= head {
-        let page = c
-            .read_from(proto::ReadFromRequest {
-                from_sequence: from,
-                limit: a.page,
-                ..Default::default()
-            })
-            .await
-            .expect("read_from")
-            .into_inner();
-        n += page.events.len() as u64;
-        from = page.next_sequence;
-    }
-    let read_from = n as f64 / started.elapsed().as_secs_f64();
-
-    let started = Instant::now();
-    let mut sub = c
-        .subscribe(proto::SubscribeRequest {
-            start: Some(proto::subscribe_request::Start::FromSequence(1)),
-            ..Default::default()
-        })
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let mut m = 0u64;
-    while let Some(msg) = tokio_stream::StreamExt::next(&mut sub).await {
-        match msg.expect("stream").message {
-            Some(proto::subscribe_response::Message::Event(_)) => m += 1,
-            Some(proto::subscribe_response::Message::CaughtUp(_)) => break,
-            _ => {}
-        }
-    }
-    let subscribe = m as f64 / started.elapsed().as_secs_f64();
-    drop(sub);
+    let read_from = growth::read_from_rate(&mut c, 1, head, a.page).await;
+    let subscribe = growth::subscribe_rate(&mut c, 1).await;
 
     println!("{:<30} {:>12}", "", "events/s");
     println!("{:<30} {:>12.0}", "pgstore ReadFrom paging", read_from);

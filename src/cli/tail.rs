@@ -54,7 +54,6 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let mut client = EventStoreClient::new(connect.channel().await?);
-    // Only the connection and the answer to the call are bounded: the stream is open-ended.
     let prefix = filter
         .stream
         .clone()
@@ -70,9 +69,6 @@ pub async fn run(
         stream_prefix: prefix,
         ..Default::default()
     };
-    let mut request = tonic::Request::new(request);
-    // The channel's per-call timeout would end the stream; a tail runs until stopped.
-    request.set_timeout(std::time::Duration::from_secs(100 * 365 * 24 * 3600));
     let mut stream = client
         .subscribe(request)
         .await

@@ -19,7 +19,7 @@
 //! `database.delete_batch_size` versions, each its own short transaction followed by a pause as
 //! long as the batch took, then drops the stream's row.
 //! A delete cut short (the instance died) is finished by the next DeleteStream of that stream or
-//! by [`finish_abandoned_deletes`].
+//! by [`finish_abandoned_deletes`]. A delete is [`mark_for_delete`] then [`remove_events`].
 
 use std::time::SystemTime;
 
@@ -144,13 +144,6 @@ async fn transition(
         Ok(Ok(()))
     })
     .await
-}
-
-/// Deletes a stream's events and snapshot; returns how many events were removed. The global lock
-/// is held only to mark the stream `deleting` and to drop its row, not while events are deleted.
-pub async fn delete(conn: &mut PgConn, stream_id: &str, batch: u32) -> Result<u64> {
-    let state = mark_for_delete(conn, stream_id).await?;
-    remove_events(conn, stream_id, batch, state == StreamState::Tombstoned).await
 }
 
 /// The first step of a delete, under the global lock: an active or archived stream becomes

@@ -539,14 +539,9 @@ pub fn processed(members: &[&Shared]) -> std::collections::BTreeSet<u64> {
 
 /// A metric's value from pgstore's `/metrics` on `port` (-1 when absent).
 pub async fn metric(port: u16, name: &str) -> i64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    metrics_text(port)
         .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.lines()
+        .lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .map_or(-1, |v| v.trim().parse::<f64>().unwrap() as i64)
 }
