@@ -369,6 +369,10 @@ pub struct DatabaseConfig {
     /// DeleteStream removes a stream's events in transactions of at most this many rows, without
     /// the global lock, so that appends never wait for a large delete.
     pub delete_batch_size: u32,
+    /// How long an instance waits for another one's migration (an online index build on a large
+    /// table can take minutes) before giving up with an error.
+    #[serde(with = "humantime_serde")]
+    pub migration_wait: Duration,
     /// Rows of consumer-group members and locks idle for longer than this are deleted in the
     /// background (`0s`: never).
     #[serde(with = "humantime_serde")]
@@ -508,6 +512,7 @@ impl Default for DatabaseConfig {
             changes_channel: "eskit_changes".into(),
             locks_channel: "pgstore_locks".into(),
             delete_batch_size: 1000,
+            migration_wait: Duration::from_secs(15 * 60),
             dead_row_retention: Duration::from_secs(24 * 3600),
         }
     }

@@ -358,7 +358,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 return Ok(());
             }
-            let applied = pgstore::store::migrate::migrate(&mut conn.client).await?;
+            let wait = Config::default().database.migration_wait;
+            let applied = pgstore::store::migrate::migrate(&mut conn.client, wait).await?;
             println!("applied {applied} migration(s)");
             Ok(())
         }

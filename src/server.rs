@@ -106,6 +106,7 @@ async fn serve(
         writer: config.writer_config(),
         replicas: config.replica_targets()?,
         replica: config.replica_config(),
+        migration_wait: config.database.migration_wait,
     };
     let opened = tokio::select! {
         r = open_store(

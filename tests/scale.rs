@@ -3,6 +3,9 @@
 
 mod common;
 
+/// How long the tests' migrations wait for each other.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 use std::process::Command;
 
 use common::*;
@@ -15,6 +18,22 @@ async fn raw_client(url: &str) -> tokio_postgres::Client {
     let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client
+}
+
+/// Writes `n` events of one new stream straight into the tables (quicker than the API).
+async fn fill_stream(pg: &tokio_postgres::Client, stream: &str, n: i64) {
+    pg.batch_execute(&format!(
+        "BEGIN;
+         WITH h AS (UPDATE pgstore.head SET seq = seq + {n} RETURNING seq - {n} AS base)
+         INSERT INTO pgstore.events (seq, stream_id, version, event_id, event_type, content_type,
+                                     data, created_at, recorded_at, partition_key)
+         SELECT base + g, '{stream}', g, gen_random_uuid(), 'E', 'application/json', '{{}}'::jsonb,
+                now(), now(), 7 FROM h, generate_series(1, {n}) g;
+         INSERT INTO pgstore.streams (stream_id, version) VALUES ('{stream}', {n});
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -105,7 +124,7 @@ async fn migrations_run_concurrently_and_again() {
         let url = url.clone();
         tokio::spawn(async move {
             let mut client = raw_client(&url).await;
-            migrate(&mut client).await
+            migrate(&mut client, WAIT).await
         })
     });
     let mut applied = 0;
@@ -118,7 +137,7 @@ async fn migrations_run_concurrently_and_again() {
         "each migration applied exactly once"
     );
     let mut client = raw_client(&url).await;
-    assert_eq!(migrate(&mut client).await.unwrap(), 0);
+    assert_eq!(migrate(&mut client, WAIT).await.unwrap(), 0);
     let valid: bool = client
         .query_one(
             "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
@@ -196,7 +215,7 @@ async fn dry_run_changes_nothing_and_an_index_left_invalid_is_rebuilt() {
         "the dry run applied nothing"
     );
 
-    assert_eq!(migrate(&mut client).await.unwrap(), 1);
+    assert_eq!(migrate(&mut client, WAIT).await.unwrap(), 1);
     let (valid, unique): (bool, bool) = client
         .query_one(
             "SELECT i.indisvalid, i.indisunique FROM pg_index i \
@@ -227,20 +246,8 @@ async fn a_large_delete_does_not_stall_appends() {
         .append(append("small", None, vec![json_event("E", "{}")]))
         .await
         .unwrap();
-    // 300,000 events in one stream, written straight into the tables (quicker than the API).
     let pg = raw_client(&url).await;
-    pg.batch_execute(
-        "BEGIN;
-         WITH h AS (UPDATE pgstore.head SET seq = seq + 300000 RETURNING seq - 300000 AS base)
-         INSERT INTO pgstore.events (seq, stream_id, version, event_id, event_type, content_type,
-                                     data, created_at, recorded_at, partition_key)
-         SELECT base + g, 'big', g, gen_random_uuid(), 'E', 'application/json', '{}'::jsonb,
-                now(), now(), 7 FROM h, generate_series(1, 300000) g;
-         INSERT INTO pgstore.streams (stream_id, version) VALUES ('big', 300000);
-         COMMIT;",
-    )
-    .await
-    .unwrap();
+    fill_stream(&pg, "big", 300000).await;
 
     let mut deleter = server.client().await;
     let delete = tokio::spawn(async move {
@@ -370,18 +377,7 @@ async fn a_delete_past_the_request_deadline_still_finishes() {
         .await
         .unwrap();
     let pg = raw_client(&url).await;
-    pg.batch_execute(
-        "BEGIN;
-         WITH h AS (UPDATE pgstore.head SET seq = seq + 200000 RETURNING seq - 200000 AS base)
-         INSERT INTO pgstore.events (seq, stream_id, version, event_id, event_type, content_type,
-                                     data, created_at, recorded_at, partition_key)
-         SELECT base + g, 'big', g, gen_random_uuid(), 'E', 'application/json', '{}'::jsonb,
-                now(), now(), 7 FROM h, generate_series(1, 200000) g;
-         INSERT INTO pgstore.streams (stream_id, version) VALUES ('big', 200000);
-         COMMIT;",
-    )
-    .await
-    .unwrap();
+    fill_stream(&pg, "big", 200000).await;
     let err = client
         .delete_stream(proto::DeleteStreamRequest {
             stream_id: "big".into(),
@@ -470,4 +466,26 @@ async fn idle_lock_and_member_rows_are_pruned_and_tokens_keep_increasing() {
         third > second,
         "{third} after {second}: fencing tokens never go back"
     );
+}
+
+/// A migration held elsewhere for longer than `database.migration_wait` fails, naming it.
+#[tokio::test]
+async fn waiting_for_another_migration_is_bounded() {
+    let url = fresh_db().await;
+    let holder = raw_client(&url).await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&pgstore::store::migrate::MIGRATION_LOCK],
+        )
+        .await
+        .unwrap();
+    let mut client = raw_client(&url).await;
+    let started = std::time::Instant::now();
+    let err = migrate(&mut client, std::time::Duration::from_millis(500))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("database.migration_wait"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }

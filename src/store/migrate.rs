@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::store::db::db_err;
 
 /// Advisory lock key held while migrating ("pgstore" + 1 in ASCII).
-const MIGRATION_LOCK: i64 = 0x7067_7374_6f72_6501;
+pub const MIGRATION_LOCK: i64 = 0x7067_7374_6f72_6501;
 
 /// The first line of a migration whose statements run outside a transaction.
 const NO_TRANSACTION: &str = "-- pgstore: no-transaction";
@@ -110,14 +110,16 @@ pub async fn pending(client: &Client) -> Result<Vec<Pending>> {
         .collect())
 }
 
-/// Applies every migration not applied yet. Returns how many were applied.
-pub async fn migrate(client: &mut Client) -> Result<usize> {
+/// Applies every migration not applied yet, waiting at most `wait` for another instance that is
+/// migrating. Returns how many were applied.
+pub async fn migrate(client: &mut Client, wait: Duration) -> Result<usize> {
     // Index builds on a large table take longer than any request should: no statement timeout
     // for this session.
     client
         .batch_execute("SET statement_timeout = 0")
         .await
         .map_err(db_err)?;
+    let started = std::time::Instant::now();
     let mut waited = false;
     loop {
         let got: bool = client
@@ -127,6 +129,13 @@ pub async fn migrate(client: &mut Client) -> Result<usize> {
             .get(0);
         if got {
             break;
+        }
+        if started.elapsed() >= wait {
+            return Err(Error::Unavailable(format!(
+                "another instance has been migrating the schema for longer than \
+                 database.migration_wait ({}); is one stuck?",
+                humantime::format_duration(wait)
+            )));
         }
         if !waited {
             tracing::info!("another instance is migrating the schema; waiting for it");

@@ -42,6 +42,8 @@ pub struct StoreConfig {
     pub replicas: Vec<target::Target>,
     /// Replica routing settings.
     pub replica: router::ReplicaConfig,
+    /// How long to wait for another instance's migration (`database.migration_wait`).
+    pub migration_wait: Duration,
 }
 
 /// The store: cheap to clone, shared by every request handler.
@@ -66,7 +68,7 @@ impl Store {
         shutdown: CancellationToken,
     ) -> Result<(Store, JoinHandle<()>)> {
         let mut conn = db::connect(&config.primary).await?;
-        migrate::migrate(&mut conn.client).await?;
+        migrate::migrate(&mut conn.client, config.migration_wait).await?;
         let prefix: i64 = conn
             .client
             .query_one("SELECT id_prefix FROM pgstore.store", &[])
