@@ -377,6 +377,10 @@ pub struct DatabaseConfig {
     /// background (`0s`: never).
     #[serde(with = "humantime_serde")]
     pub dead_row_retention: Duration,
+    /// How often the scavenger deletes the events that stream retention rules expired (`0s`:
+    /// never; reads hide them all the same).
+    #[serde(with = "humantime_serde")]
+    pub scavenge_interval: Duration,
 }
 
 /// Most batches the writer may have in flight.
@@ -514,6 +518,7 @@ impl Default for DatabaseConfig {
             delete_batch_size: 1000,
             migration_wait: Duration::from_secs(15 * 60),
             dead_row_retention: Duration::from_secs(24 * 3600),
+            scavenge_interval: Duration::from_secs(60),
         }
     }
 }

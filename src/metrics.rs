@@ -102,6 +102,8 @@ pub struct Metrics {
     pub limit_rejections: Counter,
     /// Idempotency keys deleted after their retention.
     pub idempotency_keys_pruned: Counter,
+    /// Events deleted by the retention scavenger.
+    pub events_scavenged: Counter,
 
     /// Whether the LISTEN connection is up (0/1).
     pub listener_connected: Gauge,
@@ -211,6 +213,7 @@ impl Metrics {
             commit_timeouts: Counter::default(),
             limit_rejections: Counter::default(),
             idempotency_keys_pruned: Counter::default(),
+            events_scavenged: Counter::default(),
             listener_connected: Gauge::default(),
             listener_reconnects: Counter::default(),
             notifications: Counter::default(),
@@ -298,6 +301,11 @@ impl Metrics {
             "idempotency_keys_pruned",
             "Idempotency keys deleted after writer.idempotency_key_retention",
             m.idempotency_keys_pruned.clone(),
+        );
+        r.register(
+            "events_scavenged",
+            "Events deleted by the scavenger after their stream's retention expired them",
+            m.events_scavenged.clone(),
         );
         r.register(
             "listener_connected",

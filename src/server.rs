@@ -172,6 +172,15 @@ async fn serve(
         config.database.delete_batch_size,
         stop_background.clone(),
     ));
+    if !config.database.scavenge_interval.is_zero() {
+        background.spawn(scavenge(
+            store.clone(),
+            config.database.scavenge_interval,
+            config.database.delete_batch_size,
+            metrics.clone(),
+            stop_background.clone(),
+        ));
+    }
     background.spawn(crate::live::tail::run(
         store.clone(),
         hub.clone(),
@@ -491,6 +500,39 @@ async fn finish_abandoned_deletes(store: Store, batch: u32, stop: CancellationTo
             Err(e) => {
                 tracing::warn!(error = %e, "finishing cut-short deletes failed; retrying later")
             }
+        }
+    }
+}
+
+/// Every `every`, deletes the events that stream retention rules expired.
+async fn scavenge(
+    store: Store,
+    every: Duration,
+    batch: u32,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let pass = async {
+            let mut conn = crate::store::db::get(store.pool()).await?;
+            crate::store::retention::scavenge(&mut conn, batch).await
+        };
+        // A shutdown does not wait for a long pass: each batch is its own transaction.
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = pass => r,
+        };
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.events_scavenged.inc_by(n);
+                tracing::debug!(events = n, "scavenged expired events");
+            }
+            Err(e) => tracing::warn!(error = %e, "scavenging failed; retrying later"),
         }
     }
 }

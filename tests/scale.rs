@@ -86,7 +86,7 @@ async fn a_filtered_read_looks_at_a_bounded_window_and_moves_on() {
         assert_eq!(calls, 4, "windows [1,101) [101,201) [201,301) [301,352)");
     }
 
-    // An unfiltered read is not windowed: a full page.
+    // An unfiltered read of a dense log fills its page.
     let r = client
         .read_from(page(1, vec![], ""))
         .await

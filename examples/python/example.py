@@ -83,9 +83,9 @@ def read_all_pages(store, prefix):
         page = store.ReadFrom(pb.ReadFromRequest(from_sequence=sequence, limit=2,
                                                  stream_prefix=prefix))
         seen += [e.global_sequence for e in page.events]
-        if not page.events:
-            break
         sequence = page.next_sequence
+        if sequence > page.head:  # an empty page below the head is not the end
+            break
     assert seen == sorted(seen) and len(seen) == len(set(seen)), seen
     print(f"read_from: {len(seen)} events under {prefix!r}, in order")
     return seen

@@ -24,7 +24,7 @@ use crate::live::{
 };
 use crate::metrics::Metrics;
 use crate::proto::{self, event_store_server::EventStore};
-use crate::store::{Store, StreamState, checkpoints, db, lifecycle, read, snapshots};
+use crate::store::{Store, StreamState, checkpoints, db, lifecycle, read, retention, snapshots};
 use crate::wire::EncodedEvent;
 use crate::wire::Frame;
 
@@ -219,6 +219,13 @@ fn state(s: StreamState) -> i32 {
         // Reads never show a stream being deleted (it reads as absent).
         StreamState::Deleting => proto::StreamState::Unspecified,
     }) as i32
+}
+
+fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 #[tonic::async_trait]
@@ -497,7 +504,24 @@ impl EventStore for EventStoreService {
             tombstone_reason: info.tombstone_reason.unwrap_or_default(),
             created_at: Some(info.created_at.into()),
             updated_at: Some(info.updated_at.into()),
+            max_count: info.retention.max_count,
+            max_age: info.retention.max_age.map(duration),
+            truncate_before: info.retention.truncate_before,
         }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]
+    async fn set_stream_metadata(
+        &self,
+        req: Request<proto::SetStreamMetadataRequest>,
+    ) -> Result<Response<proto::SetStreamMetadataResponse>, Status> {
+        let r = req.into_inner();
+        validate::name("stream_id", &r.stream_id, self.limits.max_stream_id_bytes)?;
+        let rule = validate::retention(&r)?;
+        retention::set(&mut *self.conn().await?, &r.stream_id, &rule).await?;
+        // Pages read ahead before the rule may hold events it hides.
+        self.store.forget_read_ahead();
+        Ok(Response::new(proto::SetStreamMetadataResponse {}))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(stream_id = %req.get_ref().stream_id))]

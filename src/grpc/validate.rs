@@ -1,7 +1,10 @@
 //! Request validation: every field checked once at the edge, turned into domain values.
 //! Violations are INVALID_ARGUMENT (malformed) or RESOURCE_EXHAUSTED (over a limit).
 
-use std::{collections::HashSet, time::SystemTime};
+use std::{
+    collections::HashSet,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use uuid::Uuid;
@@ -9,6 +12,7 @@ use uuid::Uuid;
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::proto;
+use crate::store::retention::Retention;
 use crate::store::{AppendCommand, ExpectedVersion, NewEvent, Payload, is_json_content_type};
 
 /// The content type used when an event names none.
@@ -112,6 +116,52 @@ pub fn timestamp(field: &str, ts: &prost_types::Timestamp) -> Result<SystemTime>
         ));
     }
     SystemTime::try_from(*ts).map_err(|e| Error::invalid(field, e.to_string()))
+}
+
+/// Longest `max_age` accepted: about 9,999 years (stored in microseconds, it stays far inside
+/// PostgreSQL's interval range).
+const MAX_AGE_SECS: i64 = 9_999 * 365 * 24 * 3600;
+
+/// A SetStreamMetadataRequest's rule.
+pub fn retention(r: &proto::SetStreamMetadataRequest) -> Result<Retention> {
+    if r.max_count == Some(0) {
+        return Err(Error::invalid(
+            "max_count",
+            "must be at least 1 (absent: no limit)",
+        ));
+    }
+    let max_age = match &r.max_age {
+        None => None,
+        Some(d) => {
+            if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+                return Err(Error::invalid("max_age", "must be positive"));
+            }
+            if d.seconds > MAX_AGE_SECS {
+                return Err(Error::invalid("max_age", "must be at most 9999 years"));
+            }
+            let age = Duration::new(d.seconds as u64, d.nanos as u32);
+            if age < Duration::from_micros(1) {
+                return Err(Error::invalid(
+                    "max_age",
+                    "must be at least 1 microsecond (absent: no limit)",
+                ));
+            }
+            Some(age)
+        }
+    };
+    for (field, value) in [
+        ("max_count", r.max_count),
+        ("truncate_before", r.truncate_before),
+    ] {
+        if value.is_some_and(|v| v > i64::MAX as u64) {
+            return Err(Error::invalid(field, "must be at most 2^63 - 1"));
+        }
+    }
+    Ok(Retention {
+        max_count: r.max_count,
+        max_age,
+        truncate_before: r.truncate_before,
+    })
 }
 
 /// An AppendRequest, validated into a command.

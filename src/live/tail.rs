@@ -164,9 +164,11 @@ pub async fn run(
                 };
                 let page = store.read_log(0, &q).await?;
                 hub.advance(page.head);
-                let short = page.events.len() < page_size as usize;
+                // Caught up once the page reaches the head (a short page may also end where
+                // retention hid the rest of the window).
+                let caught_up = page.next_sequence > page.head;
                 tail.extend(page.events, page.next_sequence);
-                if short {
+                if caught_up {
                     return Ok::<(), crate::Error>(());
                 }
             }

@@ -221,6 +221,20 @@ pub fn db_err(e: tokio_postgres::Error) -> Error {
             "pgstore's database role lacks a privilege: {}",
             db_message(&e)
         )),
+        // A table, column or function this pgstore expects is missing: the database (typically a
+        // replica still replaying a migration) is behind the schema. Retryable, and the router
+        // takes a replica answering this out of rotation.
+        Some(c)
+            if c == SqlState::UNDEFINED_TABLE
+                || c == SqlState::UNDEFINED_COLUMN
+                || c == SqlState::UNDEFINED_FUNCTION =>
+        {
+            Error::Unavailable(format!(
+                "the database schema is behind this pgstore (a replica still replaying a \
+                 migration, or `pgstore migrate` not run): {}",
+                db_message(&e)
+            ))
+        }
         _ if is_connection_error(&e) => Error::Unavailable(crate::error::chain(&e)),
         _ => Error::Internal(db_message(&e)),
     }

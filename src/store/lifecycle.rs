@@ -23,7 +23,7 @@
 
 use std::time::SystemTime;
 
-use super::{StreamState, db::PgConn, db::db_err};
+use super::{StreamState, db::PgConn, db::db_err, retention::Retention};
 use crate::error::{Error, Result};
 
 /// A stream's status.
@@ -41,10 +41,14 @@ pub struct StreamInfo {
     pub created_at: SystemTime,
     /// Last change.
     pub updated_at: SystemTime,
+    /// Its retention rule.
+    pub retention: Retention,
 }
 
-const GET: &str = "SELECT version, state, tombstone_reason, created_at, updated_at \
-     FROM pgstore.streams WHERE stream_id = $1 AND state <> 4";
+const GET: &str = "SELECT s.version, s.state, s.tombstone_reason, s.created_at, s.updated_at, \
+       m.max_count, extract(epoch FROM m.max_age)::float8, m.truncate_before \
+     FROM pgstore.streams s LEFT JOIN pgstore.stream_metadata m ON m.stream_id = s.stream_id \
+     WHERE s.stream_id = $1 AND s.state <> 4";
 const LOCK_HEAD: &str = "SELECT seq FROM pgstore.head FOR UPDATE";
 const STATE_FOR_UPDATE: &str =
     "SELECT state FROM pgstore.streams WHERE stream_id = $1 AND state <> 4 FOR UPDATE";
@@ -68,6 +72,7 @@ const VERSION_RANGE: &str =
     "SELECT min(version), max(version) FROM pgstore.events WHERE stream_id = $1";
 const DELETE_SNAPSHOT: &str = "DELETE FROM pgstore.snapshots WHERE stream_id = $1";
 const DROP_DELETED: &str = "DELETE FROM pgstore.streams WHERE stream_id = $1 AND state = 4";
+const DROP_RETENTION: &str = "DELETE FROM pgstore.stream_metadata WHERE stream_id = $1";
 const ABANDONED: &str = "SELECT stream_id FROM pgstore.streams \
      WHERE state = 4 AND updated_at < now() - make_interval(secs => $1) LIMIT 100";
 
@@ -89,6 +94,11 @@ pub async fn get(conn: &mut PgConn, stream_id: &str) -> Result<StreamInfo> {
         tombstone_reason: row.get(2),
         created_at: row.get(3),
         updated_at: row.get(4),
+        retention: Retention {
+            max_count: row.get::<_, Option<i64>>(5).map(|n| n as u64),
+            max_age: row.get::<_, Option<f64>>(6).map(super::retention::seconds),
+            truncate_before: row.get::<_, Option<i64>>(7).map(|n| n as u64),
+        },
     })
 }
 
@@ -182,6 +192,7 @@ pub async fn remove_events(
     let version_range = conn.stmt(VERSION_RANGE).await.map_err(db_err)?;
     let delete_snapshot = conn.stmt(DELETE_SNAPSHOT).await.map_err(db_err)?;
     let drop_row = conn.stmt(DROP_DELETED).await.map_err(db_err)?;
+    let drop_retention = conn.stmt(DROP_RETENTION).await.map_err(db_err)?;
     let step = i64::from(batch.max(1));
     let mut deleted = 0;
     // No event can be added meanwhile (the stream refuses appends), so the range is final.
@@ -221,6 +232,11 @@ pub async fn remove_events(
         // No append can have added events meanwhile: the stream refused them while deleting.
         conn.client
             .execute(&drop_row, &[&stream_id])
+            .await
+            .map_err(db_err)?;
+        // A stream created again later starts without the old one's retention.
+        conn.client
+            .execute(&drop_retention, &[&stream_id])
             .await
             .map_err(db_err)?;
     }

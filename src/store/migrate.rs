@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "lock_tokens",
         include_str!("../../migrations/0010_lock_tokens.sql"),
     ),
+    (
+        11,
+        "stream_retention",
+        include_str!("../../migrations/0011_stream_retention.sql"),
+    ),
 ];
 
 /// A migration not applied yet.

@@ -8,6 +8,7 @@ pub mod lifecycle;
 pub mod migrate;
 pub mod read;
 pub mod readahead;
+pub mod retention;
 pub mod router;
 pub mod snapshots;
 pub mod target;

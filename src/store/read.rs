@@ -25,45 +25,61 @@ macro_rules! event_columns {
     };
 }
 
+/// The stream's row and retention: `first_kept` is the lowest version that `truncate_before` and
+/// `max_count` leave visible; `max_age` hides events recorded longer ago.
+macro_rules! load_stream {
+    () => {
+        "WITH h AS (SELECT seq FROM pgstore.head), \
+              s AS (SELECT st.version, st.state, m.max_age, \
+                      greatest(coalesce(m.truncate_before, 0), \
+                               st.version - coalesce(m.max_count, st.version) + 1) AS first_kept \
+                    FROM pgstore.streams st \
+                    LEFT JOIN pgstore.stream_metadata m ON m.stream_id = st.stream_id \
+                    WHERE st.stream_id = $1 AND st.state <> 4) \
+         SELECT h.seq, s.version, s.state, "
+    };
+}
+
+/// The events of the stream that its retention leaves visible.
+macro_rules! load_events {
+    () => {
+        " FROM h LEFT JOIN s ON true LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
+            WHERE e.stream_id = $1 AND e.version >= s.first_kept AND e.version <= s.version \
+              AND (s.max_age IS NULL OR e.recorded_at >= now() - s.max_age) \
+              AND (cardinality($3::text[]) = 0 OR e.event_type = ANY($3)) "
+    };
+}
+
 const LOAD_FORWARDS: &str = concat!(
-    "WITH h AS (SELECT seq FROM pgstore.head), \
-          s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1 AND state <> 4) \
-     SELECT h.seq, s.version, s.state, ",
+    load_stream!(),
     event_columns!(),
-    " FROM h LEFT JOIN s ON true LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
-        WHERE e.stream_id = $1 AND e.version >= $2 AND e.version <= s.version \
-          AND (cardinality($3::text[]) = 0 OR e.event_type = ANY($3)) \
-        ORDER BY e.version LIMIT $4) e ON true \
-     ORDER BY e.version"
+    load_events!(),
+    " AND e.version >= $2 ORDER BY e.version LIMIT $4) e ON true ORDER BY e.version"
 );
 
 const LOAD_BACKWARDS: &str = concat!(
-    "WITH h AS (SELECT seq FROM pgstore.head), \
-          s AS (SELECT version, state FROM pgstore.streams WHERE stream_id = $1 AND state <> 4) \
-     SELECT h.seq, s.version, s.state, ",
+    load_stream!(),
     event_columns!(),
-    " FROM h LEFT JOIN s ON true LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
-        WHERE e.stream_id = $1 AND e.version <= $2 AND e.version <= s.version \
-          AND (cardinality($3::text[]) = 0 OR e.event_type = ANY($3)) \
-        ORDER BY e.version DESC LIMIT $4) e ON true \
-     ORDER BY e.version DESC"
+    load_events!(),
+    " AND e.version <= $2 ORDER BY e.version DESC LIMIT $4) e ON true ORDER BY e.version DESC"
 );
 
 /// ReadFrom's statement for one combination of filters (bit 0: event types, bit 1: stream prefix,
 /// bit 2: partitions). One statement per combination, so that an unfiltered read evaluates no
-/// filter at all. Parameters: `$1` from, `$2` limit, `$3` the end of the scan window (exclusive;
-/// filtered reads only), then those of the filters present, in that order. A filtered read looks
-/// at `[from, end)` only: with the `(event_type, seq)` index a type filter reads matching rows
-/// only; a prefix or partition filter reads at most the window's rows. No outer `ORDER BY`: the single head row's nested loop returns the inner index scan's
-/// rows in its order (sorting would hold every row back until the last); [`read_from`] checks
-/// that sequences ascend.
+/// filter at all. Parameters: `$1` from, `$2` limit, `$3` the end of the scan window (exclusive),
+/// then those of the filters present, in that order. A read looks at `[from, end)` only: with the
+/// `(event_type, seq)` index a type filter reads matching rows only; a prefix or partition filter
+/// (or retention hiding events) reads at most the window's rows. No outer `ORDER BY`: the single
+/// head row's nested loop returns the inner index scan's rows in its order (sorting would hold
+/// every row back until the last); [`read_from`] checks that sequences ascend.
+///
+/// Retention: `h.retention` is whether any stream has a retention rule, evaluated once per
+/// statement. Without one the per-row check short-circuits on it; with one, each row costs a
+/// probe of the (small) `stream_metadata` table, and a probe of `streams` for a `max_count` rule.
 static READ_FROM: LazyLock<[String; 8]> = LazyLock::new(|| {
     std::array::from_fn(|bits| {
-        let mut filters = String::new();
-        let mut n = if bits == 0 { 2 } else { 3 };
-        if bits != 0 {
-            filters += " AND e.seq < $3";
-        }
+        let mut filters = String::from(" AND e.seq < $3");
+        let mut n = 3;
         let mut param = || {
             n += 1;
             n
@@ -80,14 +96,24 @@ static READ_FROM: LazyLock<[String; 8]> = LazyLock::new(|| {
                 &format!(" AND (e.partition_key % ${count}::bigint)::int = ANY(${owned}::int[])");
         }
         format!(
-            "WITH h AS (SELECT seq FROM pgstore.head) \
+            "WITH h AS (SELECT seq, EXISTS (SELECT 1 FROM pgstore.stream_metadata) AS retention \
+                        FROM pgstore.head) \
              SELECT h.seq, {} FROM h LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
-                WHERE e.seq >= $1 AND e.seq <= h.seq{filters} \
+                WHERE e.seq >= $1 AND e.seq <= h.seq{filters} AND {} \
                 ORDER BY e.seq LIMIT $2) e ON true",
-            event_columns!()
+            event_columns!(),
+            RETAINED
         )
     })
 });
+
+/// Whether event `e` is visible under its stream's retention (given `h.retention`, see
+/// [`READ_FROM`]).
+const RETAINED: &str = "(NOT h.retention OR NOT EXISTS (SELECT 1 FROM pgstore.stream_metadata r \
+       WHERE r.stream_id = e.stream_id \
+         AND (e.version < r.truncate_before OR e.recorded_at < now() - r.max_age \
+              OR (r.max_count IS NOT NULL AND e.version <= (SELECT s.version \
+                    FROM pgstore.streams s WHERE s.stream_id = e.stream_id) - r.max_count))))";
 
 const HEAD: &str = "SELECT seq FROM pgstore.head";
 
@@ -136,8 +162,8 @@ pub struct ReadQuery {
     pub stream_prefix: String,
     /// Consumer-group partition filter (None = all).
     pub partitions: Option<Partitions>,
-    /// With a filter, look at most at this many sequences from `from_sequence` (0 = up to the
-    /// head). Bounds the work of a call whatever the filter matches.
+    /// Look at most at this many sequences from `from_sequence` (0 = up to the head). Bounds the
+    /// work of a call whatever a filter (or retention) leaves out.
     pub window: u64,
 }
 
@@ -236,12 +262,7 @@ pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
         i64::try_from(q.window).unwrap_or(i64::MAX)
     };
     let end = from.saturating_add(window);
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from, &limit];
-    let filtered =
-        !q.event_types.is_empty() || !q.stream_prefix.is_empty() || q.partitions.is_some();
-    if filtered {
-        params.push(&end);
-    }
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from, &limit, &end];
     let mut bits = 0;
     if !q.event_types.is_empty() {
         bits |= 1;

@@ -349,10 +349,10 @@ pub async fn read_all(client: &mut Client) -> Vec<proto::RecordedEvent> {
             .await
             .expect("read_from")
             .into_inner();
-        let n = page.events.len();
         out.extend(page.events);
         from = page.next_sequence;
-        if n == 0 {
+        // Past the head: everything was read (an empty page below it is not the end).
+        if from > page.head {
             return out;
         }
     }

@@ -69,9 +69,10 @@ export async function readAllPages(client: EventStoreClient, prefix: string): Pr
       limit: 2,
       streamPrefix: prefix,
     });
-    if (page.events.length === 0) return seen;
     seen.push(...page.events.map((e) => e.globalSequence));
     from = page.nextSequence;
+    // Past the head: done (an empty page below the head is not the end).
+    if (BigInt(from) > BigInt(page.head)) return seen;
   }
 }
 
