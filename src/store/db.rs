@@ -192,8 +192,12 @@ pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
                 || *code == SqlState::TOO_MANY_CONNECTIONS
                 || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         }
-        // No SQLSTATE: an I/O, protocol or connect error.
-        None => true,
+        // No SQLSTATE: an I/O, protocol or connect error, unless it is a value the driver could
+        // not convert (a bug, not an outage: retrying would not help).
+        None => {
+            let text = e.to_string();
+            !(text.starts_with("error serializing") || text.starts_with("error deserializing"))
+        }
     }
 }
 

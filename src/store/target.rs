@@ -222,8 +222,21 @@ impl Target {
             c.keepalives_interval((s.keepalives_idle / 3).max(Duration::from_secs(1)));
             c.keepalives_retries(3);
         }
+        let mut opts = Vec::new();
         if !s.statement_timeout.is_zero() {
-            let opt = format!("-c statement_timeout={}", s.statement_timeout.as_millis());
+            opts.push(format!(
+                "-c statement_timeout={}",
+                s.statement_timeout.as_millis()
+            ));
+        }
+        // pgstore's statements are short index scans: JIT compilation (PostgreSQL's default
+        // above a cost threshold) would add tens of milliseconds to a read whose estimated cost
+        // is high only because its LIMIT is a parameter. Kept when the URL's options set it.
+        if !c.get_options().is_some_and(|o| o.contains("jit")) {
+            opts.push("-c jit=off".into());
+        }
+        if !opts.is_empty() {
+            let opt = opts.join(" ");
             let options = match c.get_options() {
                 Some(o) if !o.is_empty() => format!("{o} {opt}"),
                 _ => opt,
