@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -70,6 +70,9 @@ struct LiveArgs {
     /// Concurrent writers pacing the appends.
     #[arg(long, default_value_t = 16)]
     writers: usize,
+    /// The pgstore server's process id: its CPU time (from /proc) is reported per delivery.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 #[derive(Args, Clone)]
@@ -773,14 +776,18 @@ async fn read_scenario(a: ReadArgs) {
 }
 
 async fn live_scenario(a: LiveArgs) {
-    use std::collections::HashMap;
     println!(
         "live: subscribers={} rate={} appends/s duration={:?}",
         a.subscribers, a.rate, a.common.duration
     );
     let target = Target::new(&a.common);
     let origin = Instant::now();
-    let acks: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    // When each sequence's append was acknowledged (microseconds since `origin`, 0 = not yet),
+    // indexed from the head at the start: written once per append, read once per delivery,
+    // without a lock (a shared map behind a mutex cost the client more than the server's work).
+    let base = latest(&target).await + 1;
+    let slots = (a.rate as f64 * (a.common.duration.as_secs_f64() + 60.0) * 2.0) as usize;
+    let acks: Arc<Vec<AtomicU64>> = Arc::new((0..slots).map(|_| AtomicU64::new(0)).collect());
     let done = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     let mut subs = Vec::new();
@@ -822,10 +829,18 @@ async fn live_scenario(a: LiveArgs) {
                         from_send.saturating_record(
                             now.saturating_duration_since(sent).as_micros() as u64,
                         );
-                        let acked = acks.lock().unwrap().get(&e.global_sequence).copied();
+                        let acked = e
+                            .global_sequence
+                            .checked_sub(base)
+                            .and_then(|i| acks.get(i as usize))
+                            .map_or(0, |t| t.load(Ordering::Relaxed));
                         // Delivered before the writer even saw its answer: 0.
-                        let lat = acked
-                            .map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64);
+                        let now_us = now.saturating_duration_since(origin).as_micros() as u64;
+                        let lat = if acked == 0 {
+                            0
+                        } else {
+                            now_us.saturating_sub(acked)
+                        };
                         from_ack.saturating_record(lat.max(1));
                         delivered.fetch_add(1, Ordering::Relaxed);
                     }
@@ -872,13 +887,23 @@ async fn live_scenario(a: LiveArgs) {
                     .await
                     .expect("append")
                     .into_inner();
-                acks.lock().unwrap().insert(r.last_sequence, Instant::now());
+                if let Some(slot) = r
+                    .last_sequence
+                    .checked_sub(base)
+                    .and_then(|i| acks.get(i as usize))
+                {
+                    slot.store(
+                        origin.elapsed().as_micros().max(1) as u64,
+                        Ordering::Relaxed,
+                    );
+                }
                 appended.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
         }));
     }
     let started = Instant::now();
+    let cpu_before = a.server_pid.map(cpu_seconds);
     for t in wtasks {
         t.await.unwrap();
     }
@@ -888,6 +913,10 @@ async fn live_scenario(a: LiveArgs) {
     while delivered.load(Ordering::Relaxed) < want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let server_cpu = a
+        .server_pid
+        .zip(cpu_before)
+        .map(|(pid, before)| cpu_seconds(pid) - before);
     done.store(true, Ordering::SeqCst);
     // One more append wakes every subscriber so it sees `done`.
     let mut c = target.connect().await;
@@ -919,6 +948,13 @@ async fn live_scenario(a: LiveArgs) {
         appended as f64 / elapsed.as_secs_f64(),
         got as f64 / elapsed.as_secs_f64()
     );
+    if let Some(cpu) = server_cpu {
+        println!(
+            "server CPU {cpu:.2} s = {:.2} us per delivery ({:.2} cores while appending)",
+            cpu * 1e6 / got.max(1) as f64,
+            cpu / elapsed.as_secs_f64()
+        );
+    }
     println!(
         "{:<34} {:>9} {:>9} {:>9}",
         "", "p50 ms", "p99 ms", "p999 ms"
@@ -945,6 +981,22 @@ async fn subscribe_from_end(c: &mut Client) -> tonic::Streaming<proto::Subscribe
     .await
     .expect("subscribe")
     .into_inner()
+}
+
+/// A process's CPU time (user + system) so far, in seconds, from /proc (0 when unreadable).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at its closing ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // Clock ticks per second: 100 on Linux.
+    ticks as f64 / 100.0
 }
 
 fn rss_kib(pid: u32) -> u64 {

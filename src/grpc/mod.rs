@@ -54,21 +54,46 @@ pub const MAX_NOTIFY_BYTES: usize = 7999;
 /// reports a cut-off (slow subscriber) before anything still queued.
 pub struct BufferedStream {
     rx: mpsc::Receiver<subscribe::Item>,
+    /// The rest of the batch being handed to tonic (already taken off the budget).
+    pending: std::vec::IntoIter<Frame>,
     metrics: Arc<Metrics>,
     budget: Arc<Budget>,
     done: bool,
 }
 
 impl BufferedStream {
+    fn new(
+        rx: mpsc::Receiver<subscribe::Item>,
+        metrics: Arc<Metrics>,
+        budget: Arc<Budget>,
+    ) -> Self {
+        BufferedStream {
+            rx,
+            pending: Vec::new().into_iter(),
+            metrics,
+            budget,
+            done: false,
+        }
+    }
+
+    /// Takes a batch off the queue's books.
+    fn took(&self, frames: &[Frame]) {
+        use prost::Message as _;
+        let size: usize = frames.iter().map(|f| f.encoded_len()).sum();
+        self.metrics.buffered.dec_by(frames.len() as i64);
+        self.metrics.buffered_bytes.dec_by(size as i64);
+        self.budget.took(size);
+    }
+
     fn drain(&mut self) {
         self.rx.close();
+        self.pending = Vec::new().into_iter();
         while let Ok(item) = self.rx.try_recv() {
-            self.metrics.buffered.dec();
-            if let Ok(frame) = item {
-                use prost::Message as _;
-                let size = frame.encoded_len();
-                self.metrics.buffered_bytes.dec_by(size as i64);
-                self.budget.took(size);
+            match item {
+                Ok(frames) => self.took(&frames),
+                Err(_) => {
+                    self.metrics.buffered.dec();
+                }
             }
         }
     }
@@ -90,19 +115,20 @@ impl Stream for BufferedStream {
             self.drain();
             return Poll::Ready(Some(Err(status)));
         }
+        if let Some(frame) = self.pending.next() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(item)) => {
+            Poll::Ready(Some(Ok(frames))) => {
+                self.took(&frames);
+                let mut frames = frames.into_vec().into_iter();
+                let first = frames.next();
+                self.pending = frames;
+                Poll::Ready(first.map(Ok))
+            }
+            Poll::Ready(Some(Err(s))) => {
                 self.metrics.buffered.dec();
-                Poll::Ready(Some(match item {
-                    Ok(frame) => {
-                        use prost::Message as _;
-                        let size = frame.encoded_len();
-                        self.metrics.buffered_bytes.dec_by(size as i64);
-                        self.budget.took(size);
-                        Ok(*frame)
-                    }
-                    Err(s) => Err(*s),
-                }))
+                Poll::Ready(Some(Err(*s)))
             }
             Poll::Ready(None) => {
                 self.done = true;
@@ -355,12 +381,11 @@ impl EventStore for EventStoreService {
             subscribe::run(live, sub, tx, task_budget).await;
             drop(slot);
         });
-        Ok(Response::new(Box::pin(BufferedStream {
+        Ok(Response::new(Box::pin(BufferedStream::new(
             rx,
-            metrics: self.live.hub.metrics.clone(),
+            self.live.hub.metrics.clone(),
             budget,
-            done: false,
-        })))
+        ))))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(consumer_id = %req.get_ref().consumer_id))]

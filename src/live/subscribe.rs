@@ -72,9 +72,11 @@ impl Budget {
     }
 }
 
-/// Items are boxed: a channel allocates its slots in blocks, and an idle subscriber should cost
-/// a few bytes per slot, not the size of a whole message.
-pub type Item = Result<Box<Frame>, Box<Status>>;
+/// Items are batches of messages, boxed: a channel allocates its slots in blocks, and an idle
+/// subscriber should cost a few bytes per slot, not the size of a whole message. A batch (the
+/// events one wake-up found for this subscriber) costs one queue operation, one allocation and
+/// one update of the budget and gauges, however many events it carries.
+pub type Item = Result<Box<[Frame]>, Box<Status>>;
 type Tx = mpsc::Sender<Item>;
 
 /// Why a subscriber stops.
@@ -103,8 +105,14 @@ impl Sink {
     }
 
     async fn send_frame(&mut self, frame: Frame) -> Result<(), Stop> {
+        self.send_frames(Box::new([frame])).await
+    }
+
+    /// Queues a batch of messages (not empty) as one item.
+    async fn send_frames(&mut self, frames: Box<[Frame]>) -> Result<(), Stop> {
         use prost::Message as _;
-        let size = frame.encoded_len();
+        let size: usize = frames.iter().map(|f| f.encoded_len()).sum();
+        let count = frames.len() as i64;
         let limit = self.ctx.config.max_buffered_bytes;
         let stall = self.ctx.config.stall_timeout;
         // Over the byte budget: wait for the client to take something (a single frame larger
@@ -126,16 +134,16 @@ impl Sink {
             }
         }
         let m = &self.ctx.hub.metrics;
-        m.buffered.inc();
+        m.buffered.inc_by(count);
         m.buffered_bytes.inc_by(size as i64);
         self.budget.bytes.fetch_add(size, Ordering::Relaxed);
         let undo = |m: &crate::metrics::Metrics| {
-            m.buffered.dec();
+            m.buffered.dec_by(count);
             m.buffered_bytes.dec_by(size as i64);
             self.budget.bytes.fetch_sub(size, Ordering::Relaxed);
         };
         // Room in the buffer (the usual case): no waiting, nothing to register.
-        let sent = match self.tx.try_send(Ok(Box::new(frame))) {
+        let sent = match self.tx.try_send(Ok(frames)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => false,
             Err(mpsc::error::TrySendError::Full(item)) => tokio::select! {
@@ -287,6 +295,7 @@ async fn deliver(
     let mut epoch_rx = hub.watch_epoch();
     let mut caught_up = false;
     let mut must_read = true;
+    let mut served = Served::Database;
     // A group member starts with its first assignment.
     let mut reassign_needed = group.is_some();
     let mut retry_delay = Duration::from_millis(50);
@@ -328,7 +337,8 @@ async fn deliver(
             // every idle subscriber's future.
             let owned = group.as_ref().map(|(_, rx)| &**rx);
             match Box::pin(catch_up(ctx, sub, sink, pos, owned)).await {
-                Ok(()) => {
+                Ok(from) => {
+                    served = from;
                     retry_delay = Duration::from_millis(50);
                     must_read = false;
                     if !caught_up {
@@ -368,8 +378,16 @@ async fn deliver(
                 None => std::future::pending().await,
             }
         };
+        // Served from the tail, only its growth is worth a wake-up: the head moves first (the
+        // tail is read after it), and waking on both would poll every subscriber twice per commit.
+        let head_moved = async {
+            if served == Served::Tail {
+                std::future::pending::<()>().await
+            }
+            let _ = head_rx.changed().await;
+        };
         tokio::select! {
-            _ = head_rx.changed() => {}
+            _ = head_moved => {}
             _ = tail_rx.changed() => {}
             _ = epoch_rx.changed() => must_read = true,
             _ = owned_changed => reassign_needed = true,
@@ -388,6 +406,15 @@ async fn deliver(
             _ = &mut cancelled => return Err(shutting_down()),
         }
     }
+}
+
+/// Where a catch-up ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// The shared tail covers the subscriber: it waits for the tail to grow.
+    Tail,
+    /// The database: it waits for the head to move.
+    Database,
 }
 
 enum ReadError {
@@ -448,6 +475,17 @@ async fn send_event(
     Ok(())
 }
 
+/// Sends admitted events as one batch (nothing for an empty one).
+async fn send_events(ctx: &LiveContext, sink: &mut Sink, batch: Vec<Frame>) -> Result<(), Stop> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let n = batch.len() as u64;
+    sink.send_frames(batch.into_boxed_slice()).await?;
+    ctx.hub.metrics.events_delivered.inc_by(n);
+    Ok(())
+}
+
 /// Everything below `end` has been looked at: move every position there.
 fn scanned_to(pos: &mut Positions, end: u64) {
     match pos {
@@ -469,32 +507,40 @@ async fn catch_up(
     sink: &mut Sink,
     pos: &mut Positions,
     owned: Option<&watch::Receiver<Option<Vec<u32>>>>,
-) -> Result<(), ReadError> {
+) -> Result<Served, ReadError> {
     // The next page, read while this one is sent: (where it starts, the read).
     let mut ahead: Option<(u64, AbortOnDropHandle<crate::Result<read::LogPage>>)> = None;
     loop {
         let Some(from) = pos.from() else {
-            return Ok(()); // a group member owning no partition
+            return Ok(Served::Database); // a group member owning no partition
         };
         if let Some((events, end)) = ctx.hub.tail.slice_from(from, ctx.config.page_size as usize) {
             let more = !events.is_empty() && end < ctx.hub.tail_end();
-            for e in events {
+            // The slice's events for this subscriber go as one batch.
+            let mut batch = Vec::new();
+            for e in &events {
                 if ownership_changed(owned) {
-                    return Err(ReadError::Reassign);
-                }
-                if wanted(sub, &e)
-                    && let Some(partition) = admit(pos, e.seq, e.partition_key)
-                {
-                    send_event(ctx, sink, &e, partition)
+                    // What was admitted so far is sent (the positions moved past it), then
+                    // nothing more before the new assignment.
+                    send_events(ctx, sink, batch)
                         .await
                         .map_err(ReadError::Stop)?;
+                    return Err(ReadError::Reassign);
+                }
+                if wanted(sub, e)
+                    && let Some(partition) = admit(pos, e.seq, e.partition_key)
+                {
+                    batch.push(Frame::event(e, partition));
                 }
             }
+            send_events(ctx, sink, batch)
+                .await
+                .map_err(ReadError::Stop)?;
             scanned_to(pos, end);
             if more {
                 continue;
             }
-            return Ok(());
+            return Ok(Served::Tail);
         }
         let partitions = match pos {
             Positions::Single(_) => None,
@@ -544,7 +590,7 @@ async fn catch_up(
         // Everything below next_sequence has been scanned for every owned partition.
         scanned_to(pos, page.next_sequence);
         if !full {
-            return Ok(());
+            return Ok(Served::Database);
         }
     }
 }
