@@ -4,7 +4,8 @@
 //! Two passes over the same descriptors:
 //! - messages and the client, as usual (`OUT_DIR/pgstore.v1.rs`);
 //! - the server trait alone (`OUT_DIR/server/pgstore.v1.rs`), where the responses that carry
-//!   events (`LoadResponse`, `ReadFromResponse`, `SubscribeResponse`) are `crate::wire::Frame`:
+//!   events (`LoadResponse`, `ReadFromResponse`, `ReadResponse`, `SubscribeResponse`) are
+//!   `crate::wire::Frame`:
 //!   bytes encoded straight from PostgreSQL rows (and, for live events, once for every
 //!   subscriber). On the wire they are the very same messages, so clients and reflection see the
 //!   API as declared.
@@ -14,7 +15,12 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 /// Responses the server sends pre-encoded.
-const FRAMED: [&str; 3] = ["LoadResponse", "ReadFromResponse", "SubscribeResponse"];
+const FRAMED: [&str; 4] = [
+    "LoadResponse",
+    "ReadFromResponse",
+    "ReadResponse",
+    "SubscribeResponse",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/pgstore/v1/eventstore.proto"];

@@ -418,6 +418,10 @@ pub struct Limits {
     pub max_stream_id_bytes: usize,
     /// Longest event type, in bytes.
     pub max_event_type_bytes: usize,
+    /// Most tags on one event.
+    pub max_tags: usize,
+    /// Longest tag, in bytes.
+    pub max_tag_bytes: usize,
     /// Largest payload of one event, in bytes.
     pub max_event_bytes: usize,
     /// Largest metadata of one event (as JSON), in bytes.
@@ -542,6 +546,8 @@ impl Default for Limits {
         Limits {
             max_stream_id_bytes: 256,
             max_event_type_bytes: 256,
+            max_tags: 32,
+            max_tag_bytes: 256,
             max_event_bytes: 1024 * 1024,
             max_metadata_bytes: 16 * 1024,
             max_events_per_append: 10_000,
@@ -806,6 +812,8 @@ impl Config {
         let l = &self.limits;
         if l.max_stream_id_bytes == 0
             || l.max_event_type_bytes == 0
+            || l.max_tags == 0
+            || l.max_tag_bytes == 0
             || l.max_event_bytes == 0
             || l.max_events_per_append == 0
             || l.max_page_size == 0

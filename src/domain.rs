@@ -123,6 +123,9 @@ pub struct NewEvent {
     pub metadata: Option<String>,
     /// The client's timestamp, if any.
     pub timestamp: Option<SystemTime>,
+    /// The event's tags joined by U+001F (which tags cannot contain), as `append_batch` takes
+    /// them; `None` without tags.
+    pub tags: Option<String>,
 }
 
 /// A validated append.

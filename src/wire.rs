@@ -53,6 +53,7 @@ pub struct EncodedEvent {
     pub bytes: Bytes,
     stream_id: Range<u32>,
     event_type: Range<u32>,
+    tags: Box<[Range<u32>]>,
 }
 
 impl EncodedEvent {
@@ -64,6 +65,11 @@ impl EncodedEvent {
     /// The event's type.
     pub fn event_type(&self) -> &str {
         self.str_at(&self.event_type)
+    }
+
+    /// The event's tags.
+    pub fn tags(&self) -> impl Iterator<Item = &str> + Clone {
+        self.tags.iter().map(|r| self.str_at(r))
     }
 
     /// Encodes a generated message (the server encodes rows with [`encode_row`] instead).
@@ -85,6 +91,21 @@ impl EncodedEvent {
             ..Default::default()
         }
         .encoded_len();
+        // Tags (field 14) come last: each after the ones before it.
+        let mut at = crate::proto::RecordedEvent {
+            tags: Vec::new(),
+            ..m.clone()
+        }
+        .encoded_len();
+        let tags = m
+            .tags
+            .iter()
+            .map(|t| {
+                let start = at + 1 + encoded_len_varint(t.len() as u64);
+                at = start + t.len();
+                start as u32..at as u32
+            })
+            .collect();
         EncodedEvent {
             seq: m.global_sequence,
             version: m.version,
@@ -92,6 +113,7 @@ impl EncodedEvent {
             bytes: Bytes::from(m.encode_to_vec()),
             stream_id: field(0, &m.stream_id),
             event_type: field(before_type, &m.event_type),
+            tags,
         }
     }
 
@@ -200,11 +222,13 @@ pub struct Columns<'a> {
     pub recorded_at: &'a [u8],
     /// Partition key.
     pub partition_key: i64,
+    /// Tags.
+    pub tags: Vec<&'a str>,
 }
 
 /// Encodes the event columns starting at `at` (the order of `store::read`'s `event_columns!`:
 /// seq, stream_id, version, event_id, event_type, content_type, data, data_bytes, metadata,
-/// created_at, recorded_at, partition_key). `scratch` is where the bytes are written; the event
+/// created_at, recorded_at, partition_key, tags). `scratch` is where the bytes are written; the event
 /// takes them from it (reuse one buffer for a page: the events then share its allocation).
 pub fn encode_row(row: &Row, at: usize, scratch: &mut BytesMut) -> Result<EncodedEvent> {
     let columns = Columns {
@@ -222,6 +246,10 @@ pub fn encode_row(row: &Row, at: usize, scratch: &mut BytesMut) -> Result<Encode
         created_at: required(row, at + 9)?,
         recorded_at: required(row, at + 10)?,
         partition_key: int8(row, at + 11)?,
+        tags: row
+            .try_get::<_, Option<Vec<&str>>>(at + 12)
+            .map_err(|e| Error::Internal(format!("tags: {e}")))?
+            .unwrap_or_default(),
     };
     encode_columns(&columns, scratch)
 }
@@ -275,6 +303,18 @@ pub fn encode_columns(c: &Columns<'_>, scratch: &mut BytesMut) -> Result<Encoded
     put_timestamp_field(buf, 10, c.created_at)?;
     put_timestamp_field(buf, 11, c.recorded_at)?;
     put_varint_field(buf, 12, u64::from(partition_key));
+    let tags = c
+        .tags
+        .iter()
+        .map(|t| {
+            // Written even when empty (a repeated string's elements always are).
+            encode_key(14, WireType::LengthDelimited, buf);
+            encode_varint(t.len() as u64, buf);
+            let start = buf.len() as u32;
+            buf.put_slice(t.as_bytes());
+            start..buf.len() as u32
+        })
+        .collect();
     Ok(EncodedEvent {
         seq,
         version,
@@ -282,6 +322,7 @@ pub fn encode_columns(c: &Columns<'_>, scratch: &mut BytesMut) -> Result<Encoded
         bytes: buf.split().freeze(),
         stream_id,
         event_type,
+        tags,
     })
 }
 
@@ -324,6 +365,13 @@ impl Frame {
         let mut buf = events_buffer(events, 24);
         put_varint_field(&mut buf, 2, next_sequence);
         put_varint_field(&mut buf, 3, head);
+        Frame::Whole(buf.freeze())
+    }
+
+    /// A `ReadResponse` (`events` = 1, `head` = 2).
+    pub fn read(events: &[EncodedEvent], head: u64) -> Frame {
+        let mut buf = events_buffer(events, 12);
+        put_varint_field(&mut buf, 2, head);
         Frame::Whole(buf.freeze())
     }
 
@@ -512,6 +560,7 @@ mod tests {
             created_micros: i64,
             recorded_micros: i64,
             partition_key: u32,
+            tags: Vec<String>,
         }
 
         fn text() -> impl Strategy<Value = String> {
@@ -542,6 +591,7 @@ mod tests {
                 ],
                 proptest::option::of(proptest::collection::btree_map(text(), text(), 0..4)),
                 (micros(), micros(), any::<u32>()),
+                proptest::collection::vec(text(), 0..4),
             )
                 .prop_map(
                     |(
@@ -550,6 +600,7 @@ mod tests {
                         payload,
                         metadata,
                         (created_micros, recorded_micros, partition_key),
+                        tags,
                     )| Stored {
                         seq,
                         stream_id,
@@ -562,6 +613,7 @@ mod tests {
                         created_micros,
                         recorded_micros,
                         partition_key,
+                        tags,
                     },
                 )
         }
@@ -600,6 +652,7 @@ mod tests {
                 timestamp: Some(timestamp(e.created_micros)),
                 recorded_at: Some(timestamp(e.recorded_micros)),
                 partition_key: e.partition_key,
+                tags: e.tags.clone(),
                 ..Default::default()
             }
         }
@@ -626,6 +679,7 @@ mod tests {
                 created_at: &created,
                 recorded_at: &recorded,
                 partition_key: i64::from(e.partition_key),
+                tags: e.tags.iter().map(String::as_str).collect(),
             };
             encode_columns(&columns, &mut BytesMut::new()).unwrap()
         }
@@ -641,6 +695,9 @@ mod tests {
                 prop_assert_eq!(&got, &want);
                 prop_assert_eq!(enc.stream_id(), e.stream_id.as_str());
                 prop_assert_eq!(enc.event_type(), e.event_type.as_str());
+                prop_assert_eq!(enc.tags().collect::<Vec<_>>(), e.tags.iter().map(String::as_str).collect::<Vec<_>>());
+                let from_message = EncodedEvent::from_message(&want);
+                prop_assert_eq!(from_message.tags().collect::<Vec<_>>(), e.tags.iter().map(String::as_str).collect::<Vec<_>>());
                 prop_assert_eq!((enc.seq, enc.version, enc.partition_key), (e.seq as u64, e.version as u64, e.partition_key));
                 // Canonical: prost writes the same bytes (metadata order aside).
                 if want.metadata.len() <= 1 {
@@ -663,6 +720,10 @@ mod tests {
                 let page = proto::ReadFromResponse::decode(&Frame::read_from(&enc, next, head).encode_to_vec()[..]).unwrap();
                 prop_assert_eq!(&page.events, &want);
                 prop_assert_eq!((page.next_sequence, page.head), (next, head));
+
+                let read = proto::ReadResponse::decode(&Frame::read(&enc, head).encode_to_vec()[..]).unwrap();
+                prop_assert_eq!(&read.events, &want);
+                prop_assert_eq!(read.head, head);
 
                 let frame = Frame::load(&enc, head, next, end, state);
                 let bytes = frame.encode_to_vec();

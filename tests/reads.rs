@@ -130,6 +130,7 @@ async fn read_from_pages_the_global_log_with_filters() {
         event_types: types.iter().map(|s| s.to_string()).collect(),
         stream_prefix: prefix.into(),
         min_sequence: 0,
+        query: None,
     };
     let all = c.read_from(read(0, 0, &[], "")).await.unwrap().into_inner();
     assert_eq!(seqs(&all.events), vec![1, 2, 3, 4, 5, 6, 7]);

@@ -61,6 +61,7 @@ async fn a_filtered_read_looks_at_a_bounded_window_and_moves_on() {
         event_types: types,
         stream_prefix: prefix.into(),
         min_sequence: 0,
+        query: None,
     };
     for (types, prefix) in [(vec!["Rare".to_string()], ""), (vec![], "rare-")] {
         let mut from = 1;

@@ -224,11 +224,13 @@ impl EventStoreService {
                 return Err(Error::invalid("from_end", "must be true when set"));
             }
         };
+        let query = validate::query("query", r.query, &self.limits)?.filter(|q| !q.matches_all());
         Ok(Subscription {
             from,
             event_types: r.event_types,
             stream_prefix: r.stream_prefix,
             group,
+            query,
         })
     }
 
@@ -311,6 +313,26 @@ impl EventStore for EventStoreService {
         )))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn read(&self, req: Request<proto::ReadRequest>) -> Result<Response<Frame>, Status> {
+        let r = req.into_inner();
+        validate::position("from_sequence", r.from_sequence)?;
+        validate::position("min_sequence", r.min_sequence)?;
+        let q = read::QueryRead {
+            query: validate::query("query", r.query, &self.limits)?.unwrap_or_default(),
+            from_sequence: r.from_sequence,
+            limit: validate::page_size(r.limit, &self.limits),
+        };
+        let (mut events, mut head) = self.store.read_query(r.min_sequence, &q).await?;
+        // An answer cut short (by `limit` or by the response size) is consistent up to its last
+        // event: every matching event up to there is in it.
+        let capped = cap_page(&mut events, self.limits.max_response_bytes).is_some();
+        if capped || events.len() >= q.limit as usize {
+            head = events.last().map_or(head, |e| e.seq);
+        }
+        Ok(Response::new(Frame::read(&events, head)))
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(from = req.get_ref().from_sequence))]
     async fn read_from(
         &self,
@@ -330,6 +352,7 @@ impl EventStore for EventStoreService {
             stream_prefix: r.stream_prefix,
             partitions: None,
             window: self.limits.max_scan_window,
+            query: validate::query("query", r.query, &self.limits)?,
         };
         let mut page = self.store.read_log_paging(r.min_sequence, &q).await?;
         let mut next_sequence = page.next_sequence;

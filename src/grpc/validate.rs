@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::proto;
+use crate::store::query::{Query, QueryItem};
 use crate::store::retention::Retention;
 use crate::store::{AppendCommand, ExpectedVersion, NewEvent, Payload, is_json_content_type};
 
@@ -116,6 +117,72 @@ pub fn timestamp(field: &str, ts: &prost_types::Timestamp) -> Result<SystemTime>
         ));
     }
     SystemTime::try_from(*ts).map_err(|e| Error::invalid(field, e.to_string()))
+}
+
+/// What joins an event's tags on their way to `append_batch` (tags cannot contain it).
+const TAG_SEPARATOR: &str = "\u{1f}";
+
+/// Tags, validated: at most `limits.max_tags`, each 1 to `limits.max_tag_bytes` bytes without
+/// control characters; duplicates dropped (a tag set), first occurrence kept.
+pub fn tags(field: &str, tags: Vec<String>, limits: &Limits) -> Result<Vec<String>> {
+    if tags.len() > limits.max_tags {
+        return Err(Error::invalid(
+            field,
+            format!("at most {} tags (limits.max_tags)", limits.max_tags),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(tags.len());
+    for (i, t) in tags.into_iter().enumerate() {
+        if t.is_empty() || t.len() > limits.max_tag_bytes {
+            return Err(Error::invalid(
+                format!("{field}[{i}]"),
+                format!(
+                    "must be 1 to {} bytes (limits.max_tag_bytes)",
+                    limits.max_tag_bytes
+                ),
+            ));
+        }
+        if t.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                format!("{field}[{i}]"),
+                "must not contain control characters",
+            ));
+        }
+        if seen.insert(t.clone()) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// A query, validated: at most `limits.max_tags` items, each with at most that many types and
+/// tags, every one well formed.
+pub fn query(field: &str, q: Option<proto::Query>, limits: &Limits) -> Result<Option<Query>> {
+    let Some(q) = q else { return Ok(None) };
+    if q.items.len() > limits.max_tags {
+        return Err(Error::invalid(
+            format!("{field}.items"),
+            format!("at most {} items (limits.max_tags)", limits.max_tags),
+        ));
+    }
+    let mut items = Vec::with_capacity(q.items.len());
+    for (i, item) in q.items.into_iter().enumerate() {
+        let at = format!("{field}.items[{i}]");
+        event_types(&item.types, limits).map_err(|e| under(e, || format!("{at}.types")))?;
+        if item.types.len() > limits.max_tags {
+            return Err(Error::invalid(
+                format!("{at}.types"),
+                format!("at most {} types (limits.max_tags)", limits.max_tags),
+            ));
+        }
+        let tags = tags(&format!("{at}.tags"), item.tags, limits)?;
+        items.push(QueryItem {
+            types: item.types,
+            tags,
+        });
+    }
+    Ok(Some(Query { items }))
 }
 
 /// Longest `max_age` accepted: about 9,999 years (stored in microseconds, it stays far inside
@@ -354,6 +421,7 @@ fn event(i: usize, e: proto::EventData, limits: &Limits) -> Result<(NewEvent, bo
         .as_ref()
         .map(|ts| timestamp(&field("timestamp"), ts))
         .transpose()?;
+    let tags = tags(&field("tags"), e.tags, limits)?;
     Ok((
         NewEvent {
             event_id,
@@ -362,6 +430,7 @@ fn event(i: usize, e: proto::EventData, limits: &Limits) -> Result<(NewEvent, bo
             payload,
             metadata,
             timestamp,
+            tags: (!tags.is_empty()).then(|| tags.join(TAG_SEPARATOR)),
         },
         client_id,
     ))

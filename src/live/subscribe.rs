@@ -38,6 +38,8 @@ pub struct Subscription {
     pub stream_prefix: String,
     /// Consumer group membership.
     pub group: Option<(String, String)>,
+    /// Only events matching this query.
+    pub query: Option<crate::store::query::Query>,
 }
 
 /// What waits in one subscriber's queue, in bytes, and how the consumer side says it took some;
@@ -435,6 +437,10 @@ fn ownership_changed(owned: Option<&watch::Receiver<Option<Vec<u32>>>>) -> bool 
 fn wanted(sub: &Subscription, e: &EncodedEvent) -> bool {
     (sub.event_types.is_empty() || sub.event_types.iter().any(|t| t == e.event_type()))
         && e.stream_id().starts_with(&sub.stream_prefix)
+        && sub
+            .query
+            .as_ref()
+            .is_none_or(|q| q.matches(e.event_type(), e.tags()))
 }
 
 /// Whether the positions want the event at `seq` (with `partition_key`); if so, moves them past
@@ -556,6 +562,7 @@ async fn catch_up(
             stream_prefix: sub.stream_prefix.clone(),
             partitions,
             window: ctx.config.max_scan_window,
+            query: sub.query.clone(),
         };
         let page = match ahead.take() {
             Some((start, read)) if start == from => read

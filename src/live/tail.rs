@@ -161,6 +161,7 @@ pub async fn run(
                     stream_prefix: String::new(),
                     partitions: None,
                     window: 0,
+                    query: None,
                 };
                 let page = store.read_log(0, &q).await?;
                 hub.advance(page.head);

@@ -73,6 +73,16 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "stream_retention",
         include_str!("../../migrations/0011_stream_retention.sql"),
     ),
+    (
+        12,
+        "event_tags",
+        include_str!("../../migrations/0012_event_tags.sql"),
+    ),
+    (
+        13,
+        "append_batch_tags",
+        include_str!("../../migrations/0013_append_batch_tags.sql"),
+    ),
 ];
 
 /// A migration not applied yet.

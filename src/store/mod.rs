@@ -6,6 +6,7 @@ pub mod db;
 pub mod ids;
 pub mod lifecycle;
 pub mod migrate;
+pub mod query;
 pub mod read;
 pub mod readahead;
 pub mod retention;
@@ -136,6 +137,15 @@ impl Store {
 
     /// Reads the global log through the router: from a replica when one can serve it.
     pub async fn read_log(&self, min_sequence: u64, q: &read::ReadQuery) -> Result<read::LogPage> {
+        self.router().read(min_sequence, q).await
+    }
+
+    /// The events matching a query and the head they are consistent with, through the router.
+    pub async fn read_query(
+        &self,
+        min_sequence: u64,
+        q: &read::QueryRead,
+    ) -> Result<(Vec<crate::wire::EncodedEvent>, u64)> {
         self.router().read(min_sequence, q).await
     }
 

@@ -19,7 +19,10 @@ use postgres_types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{Payload, RecordedEvent, StreamState, db::JsonText, db::PgConn, db::db_err};
+use super::{
+    Payload, RecordedEvent, StreamState, db::JsonRef, db::JsonText, db::PgConn, db::db_err, query,
+    query::Query,
+};
 use crate::error::{Error, Result};
 use crate::wire::{EncodedEvent, encode_row};
 
@@ -27,7 +30,7 @@ use crate::wire::{EncodedEvent, encode_row};
 macro_rules! event_columns {
     () => {
         "e.seq, e.stream_id, e.version, e.event_id, e.event_type, e.content_type, e.data, \
-         e.data_bytes, e.metadata, e.created_at, e.recorded_at, e.partition_key"
+         e.data_bytes, e.metadata, e.created_at, e.recorded_at, e.partition_key, e.tags"
     };
 }
 
@@ -85,9 +88,9 @@ const LOAD_BACKWARDS: &str = concat!(
 /// 3, each row costs a probe of the (small) `stream_metadata` table, and of `streams` for a
 /// `max_count` rule. (A store without rules keeps plans free of that sub-plan: its estimated
 /// cost would tempt the planner to a generic plan that sorts the window for every page.)
-static READ_FROM: LazyLock<[String; 16]> = LazyLock::new(|| {
+static READ_FROM: LazyLock<[String; 32]> = LazyLock::new(|| {
     std::array::from_fn(|bits| {
-        let (filtered, retention) = (bits & 7 != 0, bits & 8 != 0);
+        let (filtered, retention) = (bits & 0b10111 != 0, bits & 8 != 0);
         // Unfiltered, the window's end is folded into the head bound, so that the planner sees
         // no range to estimate (the statement stays the plain "from here, in order, LIMIT n").
         let (mut filters, top) = if filtered {
@@ -111,12 +114,21 @@ static READ_FROM: LazyLock<[String; 16]> = LazyLock::new(|| {
             filters +=
                 &format!(" AND (e.partition_key % ${count}::bigint)::int = ANY(${owned}::int[])");
         }
+        let mut items = String::new();
+        if bits & 16 != 0 {
+            items = format!(
+                ", {}",
+                query::ITEMS_CTE.replace("$Q", &format!("${}", param()))
+            );
+            filters += " AND ";
+            filters += query::MATCHES;
+        }
         if retention {
             filters += RETAINED;
         }
         format!(
             "WITH h AS (SELECT seq, EXISTS (SELECT 1 FROM pgstore.stream_metadata) AS retention \
-                        FROM pgstore.head) \
+                        FROM pgstore.head){items} \
              SELECT h.seq, h.retention, {} FROM h LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
                 WHERE e.seq >= $1 AND e.seq <= {top}{filters} \
                 ORDER BY e.seq LIMIT $2) e ON true",
@@ -187,6 +199,8 @@ pub struct ReadQuery {
     pub stream_prefix: String,
     /// Consumer-group partition filter (None = all).
     pub partitions: Option<Partitions>,
+    /// Only events matching this query (None = all).
+    pub query: Option<Query>,
     /// Look at most at this many sequences from `from_sequence` (0 = up to the head). Bounds the
     /// work of a call whatever a filter (or retention) leaves out.
     pub window: u64,
@@ -302,24 +316,23 @@ pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
         params.push(&owned);
         params.push(&count);
     }
-    let mut check = RULES_SEEN.load(Ordering::Relaxed);
-    let (head, events) = loop {
-        let (head, rules, events) = read_page(
-            conn,
-            &READ_FROM[bits | (usize::from(check) << 3)],
-            &params,
-            q.limit,
-        )
-        .await?;
-        if rules != check {
-            RULES_SEEN.store(rules, Ordering::Relaxed);
-        }
-        if check || !rules {
-            break (head, events);
-        }
-        // Read without the check, but rules exist: read again with it.
-        check = true;
-    };
+    let json = q
+        .query
+        .as_ref()
+        .filter(|q| !q.matches_all())
+        .map(Query::to_json);
+    let items = json.as_deref().map(JsonRef);
+    if let Some(items) = &items {
+        bits |= 16;
+        params.push(items);
+    }
+    let (head, events) = read_retained(
+        conn,
+        [&READ_FROM[bits], &READ_FROM[bits | 8]],
+        &params,
+        q.limit,
+    )
+    .await?;
     let next_sequence = match events.last() {
         Some(last) if events.len() >= q.limit as usize => last.seq + 1,
         // Fewer than asked: everything up to the head, or to the end of the window, was scanned.
@@ -330,6 +343,91 @@ pub async fn read_from(conn: &mut PgConn, q: &ReadQuery) -> Result<LogPage> {
         next_sequence,
         head,
     })
+}
+
+/// Runs a read in the variant without the retention check (`sql[0]`) or with it (`sql[1]`),
+/// whichever [`RULES_SEEN`] suggests, and again with it when the first found rules: the head
+/// and the events.
+async fn read_retained(
+    conn: &mut PgConn,
+    sql: [&'static str; 2],
+    params: &[&(dyn ToSql + Sync)],
+    limit: u32,
+) -> Result<(u64, Vec<EncodedEvent>)> {
+    let mut check = RULES_SEEN.load(Ordering::Relaxed);
+    loop {
+        let (head, rules, events) = read_page(conn, sql[usize::from(check)], params, limit).await?;
+        if rules != check {
+            RULES_SEEN.store(rules, Ordering::Relaxed);
+        }
+        if check || !rules {
+            return Ok((head, events));
+        }
+        // Read without the check, but rules exist: read again with it.
+        check = true;
+    }
+}
+
+/// Read's statements: bit 0, the retention check; bit 1, the index-friendly prefilter (see
+/// [`Query::prefilter`]). Parameters: `$1` from, `$2` limit, `$3` the query's items, then the
+/// prefilter's tags and types. Not windowed: a decision needs every matching event, and the
+/// prefilter lets the GIN index on tags (or the type index) find them without a scan.
+static READ: LazyLock<[String; 4]> = LazyLock::new(|| {
+    std::array::from_fn(|bits| {
+        let mut filters = String::new();
+        if bits & 2 != 0 {
+            filters += " AND (e.tags && $4::text[] OR e.event_type = ANY($5::text[]))";
+        }
+        if bits & 1 != 0 {
+            filters += RETAINED;
+        }
+        format!(
+            "WITH h AS (SELECT seq, EXISTS (SELECT 1 FROM pgstore.stream_metadata) AS retention \
+                        FROM pgstore.head), {} \
+             SELECT h.seq, h.retention, {} FROM h LEFT JOIN LATERAL (SELECT * FROM pgstore.events e \
+                WHERE e.seq >= $1 AND e.seq <= h.seq AND {}{filters} \
+                ORDER BY e.seq LIMIT $2) e ON true",
+            query::ITEMS_CTE.replace("$Q", "$3"),
+            event_columns!(),
+            query::MATCHES,
+        )
+    })
+});
+
+/// A Read request, validated.
+#[derive(Debug, Clone)]
+pub struct QueryRead {
+    /// The events wanted.
+    pub query: Query,
+    /// First sequence (inclusive).
+    pub from_sequence: u64,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// The events matching a query, in sequence order, and the head they are consistent with.
+pub async fn read_query(conn: &mut PgConn, q: &QueryRead) -> Result<(Vec<EncodedEvent>, u64)> {
+    let from = q.from_sequence.max(1) as i64;
+    let limit = i64::from(q.limit);
+    // A query without items matches everything: as one item without types or tags.
+    let json = if q.query.matches_all() {
+        r#"[{"types":[],"tags":[]}]"#.to_owned()
+    } else {
+        q.query.to_json()
+    };
+    let items = JsonRef(&json);
+    let prefilter = q.query.prefilter();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from, &limit, &items];
+    let bits = if let Some((tags, types)) = &prefilter {
+        params.push(tags);
+        params.push(types);
+        2
+    } else {
+        0
+    };
+    let (head, events) =
+        read_retained(conn, [&READ[bits], &READ[bits | 1]], &params, q.limit).await?;
+    Ok((events, head))
 }
 
 /// Runs one ReadFrom statement: the head, whether rules exist, the events (encoded as they

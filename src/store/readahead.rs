@@ -47,6 +47,7 @@ fn same(a: &ReadQuery, b: &ReadQuery) -> bool {
         && a.limit == b.limit
         && a.event_types == b.event_types
         && a.stream_prefix == b.stream_prefix
+        && a.query == b.query
         && a.partitions.is_none()
         && b.partitions.is_none()
 }

@@ -77,6 +77,14 @@ impl RoutedRead for super::read::ReadQuery {
     }
 }
 
+impl RoutedRead for super::read::QueryRead {
+    type Output = (Vec<crate::wire::EncodedEvent>, u64);
+    async fn run(&self, conn: &mut db::PgConn) -> Result<(Self::Output, u64)> {
+        let (events, head) = super::read::read_query(conn, self).await?;
+        Ok(((events, head), head))
+    }
+}
+
 impl RoutedRead for super::read::LoadQuery {
     type Output = super::read::StreamPage;
     async fn run(&self, conn: &mut db::PgConn) -> Result<(Self::Output, u64)> {

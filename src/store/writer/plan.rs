@@ -117,6 +117,7 @@ pub(super) struct Rows<'a> {
     pub(super) metadata: Vec<Option<JsonRef<'a>>>,
     pub(super) created_at: Vec<Option<SystemTime>>,
     pub(super) partition_key: Vec<i64>,
+    pub(super) tags: Vec<Option<&'a str>>,
     /// Each stream written, once, with its final version.
     pub(super) upsert_stream: Vec<&'a str>,
     pub(super) upsert_version: Vec<i64>,
@@ -174,6 +175,7 @@ pub(super) fn lay_out<'a>(
             rows.metadata.push(e.metadata.as_deref().map(JsonRef));
             rows.created_at.push(e.timestamp);
             rows.partition_key.push(pk);
+            rows.tags.push(e.tags.as_deref());
         }
         match upserted.get(cmd.stream_id.as_str()) {
             Some(&i) => rows.upsert_version[i] = o.version as i64,
@@ -418,6 +420,7 @@ mod tests {
                     payload: Payload::Json("{}".into()),
                     metadata: None,
                     timestamp: None,
+                    tags: None,
                 })
                 .collect(),
             client_event_ids: false,

@@ -30,9 +30,9 @@ pub(super) const FIND_EVENT_IDS: &str = "SELECT event_id, stream_id, version, se
      WHERE seq = ANY($2) AND event_id = ANY($1)";
 pub(super) const FIND_KEYS: &str = "SELECT key, stream_id, version, first_seq, last_seq \
      FROM pgstore.idempotency_keys WHERE key = ANY($1)";
-/// Every write of a batch in one statement (migrations 0004 and 0007).
+/// Every write of a batch in one statement (migrations 0004, 0007 and 0013).
 pub(super) const APPEND_BATCH: &str = "SELECT pgstore.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)";
+     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)";
 
 /// The SQLSTATE `pgstore.append_batch` raises when the writer's memory is stale.
 pub(super) const STALE_MEMORY: &str = "PGS01";
@@ -201,7 +201,7 @@ pub(super) async fn write_and_commit(
         Some(c) => (Some(c.head), Some(&c.stream_ids), Some(&c.versions)),
         None => (None, None, None),
     };
-    let params: [&(dyn ToSql + Sync); 23] = [
+    let params: [&(dyn ToSql + Sync); 24] = [
         &check_head,
         &check_streams,
         &check_versions,
@@ -216,6 +216,7 @@ pub(super) async fn write_and_commit(
         &rows.metadata,
         &rows.created_at,
         &rows.partition_key,
+        &rows.tags,
         &rows.upsert_stream,
         &rows.upsert_version,
         &keys.key,
