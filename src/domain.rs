@@ -141,6 +141,17 @@ pub struct AppendCommand {
     pub client_event_ids: bool,
     /// The idempotency key, if any.
     pub idempotency_key: Option<String>,
+    /// A Dynamic Consistency Boundary condition, if any.
+    pub condition: Option<AppendCondition>,
+}
+
+/// Fail an append if an event matching `query` was committed after `after`.
+#[derive(Debug, Clone)]
+pub struct AppendCondition {
+    /// The events that would conflict.
+    pub query: crate::store::query::Query,
+    /// Only events with a greater sequence conflict.
+    pub after: u64,
 }
 
 /// The result of an append.

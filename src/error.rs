@@ -34,6 +34,16 @@ pub enum Error {
         actual: u64,
     },
 
+    /// A Dynamic Consistency Boundary condition failed: an event matching its query was
+    /// committed after its sequence.
+    #[error(
+        "append condition failed: event {first_conflicting_sequence} matches the condition's query and was committed after sequence {after_sequence}"
+    )]
+    AppendConditionFailed {
+        first_conflicting_sequence: u64,
+        after_sequence: u64,
+    },
+
     /// The stream does not exist.
     #[error("stream {stream_id:?} not found")]
     StreamNotFound { stream_id: String },
@@ -157,6 +167,7 @@ impl Error {
             Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
             Error::TooLarge { .. } => "TOO_LARGE",
             Error::WrongExpectedVersion { .. } => "WRONG_EXPECTED_VERSION",
+            Error::AppendConditionFailed { .. } => "APPEND_CONDITION_FAILED",
             Error::StreamNotFound { .. } => "STREAM_NOT_FOUND",
             Error::StreamState {
                 state: StreamState::Tombstoned,

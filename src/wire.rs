@@ -769,8 +769,9 @@ mod tests {
                 n.sort_unstable();
                 n
             };
-            assert_eq!(fields("RecordedEvent"), (1..=13).collect::<Vec<_>>());
+            assert_eq!(fields("RecordedEvent"), (1..=14).collect::<Vec<_>>());
             assert_eq!(fields("ReadFromResponse"), vec![1, 2, 3]);
+            assert_eq!(fields("ReadResponse"), vec![1, 2]);
             assert_eq!(fields("LoadResponse"), vec![1, 2, 3, 4, 5]);
         }
     }

@@ -436,6 +436,7 @@ async fn append_scenario(a: AppendArgs) {
                 expected_version: None,
                 events: events.clone(),
                 idempotency_key: String::new(),
+                condition: None,
             };
             Box::pin(async move {
                 client
@@ -686,6 +687,7 @@ async fn ensure_log(target: &Target, events: u64, payload: &str) -> u64 {
                     expected_version: None,
                     events,
                     idempotency_key: String::new(),
+                    condition: None,
                 })
                 .await
                 .expect("load append");
@@ -883,6 +885,7 @@ async fn live_scenario(a: LiveArgs) {
                             ..Default::default()
                         }],
                         idempotency_key: String::new(),
+                        condition: None,
                     })
                     .await
                     .expect("append")
@@ -930,6 +933,7 @@ async fn live_scenario(a: LiveArgs) {
                 ..Default::default()
             }],
             idempotency_key: String::new(),
+            condition: None,
         })
         .await;
     let mut from_ack = histogram();

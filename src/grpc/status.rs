@@ -48,6 +48,19 @@ impl From<Error> for Status {
                     ("actual_version", actual.to_string()),
                 ]),
             ),
+            Error::AppendConditionFailed {
+                first_conflicting_sequence,
+                after_sequence,
+            } => (
+                Code::FailedPrecondition,
+                info(vec![
+                    (
+                        "first_conflicting_sequence",
+                        first_conflicting_sequence.to_string(),
+                    ),
+                    ("after_sequence", after_sequence.to_string()),
+                ]),
+            ),
             Error::StreamNotFound { stream_id } => {
                 (Code::NotFound, info(vec![("stream_id", stream_id.clone())]))
             }

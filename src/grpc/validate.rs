@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 use crate::proto;
 use crate::store::query::{Query, QueryItem};
 use crate::store::retention::Retention;
-use crate::store::{AppendCommand, ExpectedVersion, NewEvent, Payload, is_json_content_type};
+use crate::store::{
+    AppendCommand, AppendCondition, ExpectedVersion, NewEvent, Payload, is_json_content_type,
+};
 
 /// The content type used when an event names none.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
@@ -271,6 +273,21 @@ pub fn append(req: proto::AppendRequest, limits: &Limits) -> Result<AppendComman
         )?;
         Some(req.idempotency_key)
     };
+    let condition = match req.condition {
+        None => None,
+        Some(c) => {
+            position("condition.after_sequence", c.after_sequence)?;
+            Some(AppendCondition {
+                query: query(
+                    "condition.fail_if_events_match",
+                    c.fail_if_events_match,
+                    limits,
+                )?
+                .unwrap_or_default(),
+                after: c.after_sequence,
+            })
+        }
+    };
     let mut events = Vec::with_capacity(req.events.len());
     let mut client_ids = 0usize;
     let mut seen = HashSet::new();
@@ -308,6 +325,7 @@ pub fn append(req: proto::AppendRequest, limits: &Limits) -> Result<AppendComman
         events,
         client_event_ids: client_ids != 0,
         idempotency_key,
+        condition,
     })
 }
 

@@ -327,6 +327,7 @@ pub fn append(
         expected_version: expected,
         events,
         idempotency_key: String::new(),
+        condition: None,
     }
 }
 

@@ -60,6 +60,10 @@ impl Memory {
     /// A snapshot to plan `cmds` from without reading, if every stream is remembered.
     pub(super) fn snapshot(&self, cmds: &[&AppendCommand]) -> Option<Snapshot> {
         let head = self.head?;
+        // A condition is checked against the database under the global lock.
+        if cmds.iter().any(|c| c.condition.is_some()) {
+            return None;
+        }
         if self
             .rest_until
             .is_some_and(|t| std::time::Instant::now() < t)
@@ -76,6 +80,7 @@ impl Memory {
             streams,
             event_ids: HashMap::new(),
             keys: HashMap::new(),
+            conflicts: HashMap::new(),
         })
     }
 }
@@ -94,6 +99,9 @@ pub(super) struct Snapshot {
     pub(super) streams: HashMap<String, (u64, StreamState)>,
     pub(super) event_ids: HashMap<Uuid, Stored>,
     pub(super) keys: HashMap<String, AppendOutcomeWithStream>,
+    /// For each conditional append (by its index in the batch), the first stored event that
+    /// fails its condition, if any.
+    pub(super) conflicts: HashMap<usize, u64>,
 }
 
 #[derive(Clone)]
@@ -225,8 +233,11 @@ pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: Assigne
     let mut batch_keys: HashMap<&str, AppendOutcomeWithStream> = HashMap::new();
     let mut touched: Vec<&str> = Vec::new();
     let mut next_seq = snap.head + 1;
+    // The events planned so far (sequence, type, tags), kept only when a condition may need them.
+    let conditional = cmds.iter().any(|c| c.condition.is_some());
+    let mut planned: Vec<(u64, &str, Option<&str>)> = Vec::new();
 
-    for cmd in cmds {
+    for (index, cmd) in cmds.iter().enumerate() {
         // A retry by idempotency key.
         if let Some(key) = cmd.idempotency_key.as_deref() {
             let prior = batch_keys.get(key).or_else(|| snap.keys.get(key));
@@ -293,8 +304,38 @@ pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: Assigne
             }));
             continue;
         }
+        if let Some(c) = &cmd.condition {
+            // Stored events first (they all precede this batch's), then those of the appends
+            // planned before this one in the batch.
+            let conflict = snap.conflicts.get(&index).copied().or_else(|| {
+                planned
+                    .iter()
+                    .find(|(seq, ty, tags)| {
+                        *seq > c.after
+                            && c.query.matches(
+                                ty,
+                                tags.unwrap_or_default()
+                                    .split('\u{1f}')
+                                    .filter(|t| !t.is_empty()),
+                            )
+                    })
+                    .map(|(seq, _, _)| *seq)
+            });
+            if let Some(seq) = conflict {
+                results.push(Err(Error::AppendConditionFailed {
+                    first_conflicting_sequence: seq,
+                    after_sequence: c.after,
+                }));
+                continue;
+            }
+        }
         let first = next_seq;
         let n = cmd.events.len() as u64;
+        if conditional {
+            for (i, e) in cmd.events.iter().enumerate() {
+                planned.push((first + i as u64, &e.event_type, e.tags.as_deref()));
+            }
+        }
         if cmd.client_event_ids {
             for (i, e) in cmd.events.iter().enumerate() {
                 batch_ids.insert(
@@ -425,7 +466,62 @@ mod tests {
                 .collect(),
             client_event_ids: false,
             idempotency_key: None,
+            condition: None,
         }
+    }
+
+    #[test]
+    fn a_condition_counts_stored_conflicts_and_earlier_appends_of_the_batch() {
+        use crate::store::{
+            AppendCondition,
+            query::{Query, QueryItem},
+        };
+        let tagged = |stream: &str, tags: &str, after: u64| {
+            let mut c = cmd(stream, ExpectedVersion::Any, 1);
+            c.events[0].tags = Some(tags.into());
+            c.condition = Some(AppendCondition {
+                query: Query {
+                    items: vec![QueryItem {
+                        types: vec![],
+                        tags: vec!["seat:1".into()],
+                    }],
+                },
+                after,
+            });
+            c
+        };
+        let other = tagged("b", "seat:2", 10);
+        let first = tagged("a", "x\u{1f}seat:1", 10);
+        let second = tagged("c", "seat:1", 10);
+        // An append after the first event of the batch does not conflict with it.
+        let later = tagged("d", "seat:1", 12);
+        let p = plan(&[&other, &first, &second, &later], &empty(10, &[]), IDS);
+        assert!(p.results[0].is_ok() && p.results[1].is_ok());
+        assert!(matches!(
+            p.results[2],
+            Err(Error::AppendConditionFailed {
+                first_conflicting_sequence: 12,
+                after_sequence: 10
+            })
+        ));
+        assert!(matches!(
+            p.results[3],
+            Ok(AppendOutcome {
+                first_sequence: 13,
+                ..
+            })
+        ));
+        // A conflict found in the database wins (it precedes the batch).
+        let mut snap = empty(10, &[]);
+        snap.conflicts.insert(0, 7);
+        let p = plan(&[&first], &snap, IDS);
+        assert!(matches!(
+            p.results[0],
+            Err(Error::AppendConditionFailed {
+                first_conflicting_sequence: 7,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -435,6 +531,7 @@ mod tests {
             streams: HashMap::from([("a".to_string(), (2, StreamState::Active))]),
             event_ids: HashMap::new(),
             keys: HashMap::new(),
+            conflicts: HashMap::new(),
         };
         let c1 = cmd("a", ExpectedVersion::Exact(2), 2);
         let c2 = cmd("a", ExpectedVersion::Exact(2), 1); // stale after c1
@@ -486,6 +583,7 @@ mod tests {
                 .collect(),
             event_ids: HashMap::new(),
             keys: HashMap::new(),
+            conflicts: HashMap::new(),
         }
     }
 

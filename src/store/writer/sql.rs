@@ -28,6 +28,15 @@ pub(super) const FIND_EVENT_IDS: &str = "SELECT event_id, stream_id, version, se
      WHERE event_id = ANY($1) AND NOT pgstore.assigned_event_id(event_id) \
      UNION ALL SELECT event_id, stream_id, version, seq FROM pgstore.events \
      WHERE seq = ANY($2) AND event_id = ANY($1)";
+/// For each condition (`[{"i": index, "after": seq, "items": [...]}, ...]`), the first stored
+/// event after its sequence that matches its query. Run under the global lock, with nothing in
+/// flight: every committed event is visible. Each condition costs an index scan from its
+/// `after` sequence (a decision reads the log's head and passes it, so that range is short).
+pub(super) const FIND_CONFLICTS: &str = "SELECT c.i, (SELECT min(e.seq) FROM pgstore.events e \
+       WHERE e.seq > c.after AND EXISTS (SELECT 1 \
+         FROM jsonb_to_recordset(c.items) AS q(types text[], tags text[]) \
+         WHERE (cardinality(q.types) = 0 OR e.event_type = ANY(q.types)) AND e.tags @> q.tags)) \
+     FROM jsonb_to_recordset($1::jsonb) AS c(i int, after bigint, items jsonb)";
 pub(super) const FIND_KEYS: &str = "SELECT key, stream_id, version, first_seq, last_seq \
      FROM pgstore.idempotency_keys WHERE key = ANY($1)";
 /// Every write of a batch in one statement (migrations 0004, 0007 and 0013).
@@ -84,6 +93,7 @@ pub(super) async fn read_under_lock(
     let streams_stmt = conn.stmt(READ_STREAMS).await?;
     let ids_stmt = conn.stmt(FIND_EVENT_IDS).await?;
     let keys_stmt = conn.stmt(FIND_KEYS).await?;
+    let conflicts_stmt = conn.stmt(FIND_CONFLICTS).await?;
 
     let mut stream_ids: Vec<&str> = cmds.iter().map(|c| c.stream_id.as_str()).collect();
     stream_ids.sort_unstable();
@@ -97,6 +107,22 @@ pub(super) async fn read_under_lock(
         .iter()
         .filter_map(|c| c.idempotency_key.as_deref())
         .collect();
+
+    // A query without items matches everything: as one item without types or tags.
+    let conditions: Vec<serde_json::Value> = cmds
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let c = c.condition.as_ref()?;
+            let items = if c.query.matches_all() {
+                serde_json::json!([{"types": [], "tags": []}])
+            } else {
+                serde_json::to_value(&c.query.items).unwrap_or_default()
+            };
+            Some(serde_json::json!({"i": i, "after": c.after, "items": items}))
+        })
+        .collect();
+    let conditions_json = serde_json::Value::Array(conditions).to_string();
 
     let client = &conn.client;
     let stream_ids = &stream_ids;
@@ -121,18 +147,36 @@ pub(super) async fn read_under_lock(
             client.query(&keys_stmt, &[keys]).await
         }
     };
+    let find_conflicts = async {
+        if conditions_json == "[]" {
+            Ok(Vec::new())
+        } else {
+            client
+                .query(&conflicts_stmt, &[&db::JsonRef(&conditions_json)])
+                .await
+        }
+    };
     let stream_params: [&(dyn ToSql + Sync); 1] = [stream_ids];
     // `join!`, not `try_join!`: every statement's answer is awaited, and the error reported is
     // the first in pipeline order (later ones only say the transaction was aborted).
-    let (begun, head_row, stream_rows, id_rows, key_rows) = tokio::join!(
+    let (begun, head_row, stream_rows, id_rows, key_rows, conflict_rows) = tokio::join!(
         client.execute(&begin, &[]),
         client.query_one(&lock, &[]),
         client.query(&streams_stmt, &stream_params),
         find_ids,
         find_keys,
+        find_conflicts,
     );
     begun?;
-    let (head_row, stream_rows, id_rows, key_rows) = (head_row?, stream_rows?, id_rows?, key_rows?);
+    let (head_row, stream_rows, id_rows, key_rows, conflict_rows) =
+        (head_row?, stream_rows?, id_rows?, key_rows?, conflict_rows?);
+    let conflicts = conflict_rows
+        .into_iter()
+        .filter_map(|r| {
+            let seq: Option<i64> = r.get(1);
+            Some((r.get::<_, i32>(0) as usize, seq? as u64))
+        })
+        .collect();
 
     let head: i64 = head_row.get(0);
     let mut streams = HashMap::with_capacity(stream_rows.len());
@@ -176,6 +220,7 @@ pub(super) async fn read_under_lock(
         streams,
         event_ids,
         keys,
+        conflicts,
     })
 }
 
