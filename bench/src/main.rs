@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod dcb;
 mod growth;
 
 use clap::{Args, Parser, Subcommand};
@@ -40,6 +41,9 @@ enum Scenario {
     Fill(growth::FillArgs),
     /// Fill the log to each size in turn; at each, measure appends, catch-up reads and disk.
     Growth(growth::GrowthArgs),
+    /// Conditional (Dynamic Consistency Boundary) appends against unconditional ones, and a
+    /// contended decision on one tag.
+    Dcb(dcb::DcbArgs),
 }
 
 #[derive(Args, Clone)]
@@ -572,6 +576,7 @@ async fn main() {
         Scenario::Idle(a) => idle_scenario(a).await,
         Scenario::Fill(a) => growth::fill_scenario(a).await,
         Scenario::Growth(a) => growth::growth_scenario(a).await,
+        Scenario::Dcb(a) => dcb::dcb_scenario(a).await,
     }
 }
 

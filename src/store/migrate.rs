@@ -83,6 +83,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "append_batch_tags",
         include_str!("../../migrations/0013_append_batch_tags.sql"),
     ),
+    (
+        14,
+        "append_batch_conditions",
+        include_str!("../../migrations/0014_append_batch_conditions.sql"),
+    ),
 ];
 
 /// A migration not applied yet.

@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Request, WriterConfig,
     plan::{Check, Memory, Rows, Snapshot, lay_out, plan},
-    sql::{Failure, ROLLBACK, classify, memory_was_stale, read_under_lock, write_and_commit},
+    sql::{
+        Failure, ROLLBACK, classify, condition_failed, conditions_json, memory_was_stale,
+        read_under_lock, write_and_commit,
+    },
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -215,6 +218,13 @@ impl Writer {
                 self.stale();
                 self.commit_again.push(sent.batch);
             }
+            Err(Some((e, _))) if condition_failed(&e) => {
+                // Nothing was written, and the memory had counted the batch: forget it (the
+                // batches behind this one fail their check and come back too). The batch is
+                // committed again the reading way, where the condition fails its append alone.
+                self.memory.forget();
+                self.commit_again.push(sent.batch);
+            }
             Err(None) => {
                 let e = self.timed_out();
                 for req in sent.batch {
@@ -351,13 +361,28 @@ impl Writer {
         let conn = self.connection().await.map_err(Failure::All)?;
         let check = Check::of(snapshot);
         let (rows, keys) = lay_out(cmds, results, self.ids);
-        match write_and_commit(&conn, Some(&check), &rows, &keys, new_head, &self.channel).await {
+        let conditions = conditions_json(cmds, results);
+        match write_and_commit(
+            &conn,
+            Some(&check),
+            &rows,
+            &keys,
+            new_head,
+            &self.channel,
+            conditions.as_deref(),
+        )
+        .await
+        {
             Ok(()) => {
                 self.committed(&rows, new_head, []);
                 Ok(true)
             }
             // The failed statement was its own transaction: nothing was written.
             Err((e, _)) if memory_was_stale(&e) => Ok(false),
+            Err((e, _)) if condition_failed(&e) => {
+                self.memory.forget();
+                Ok(false)
+            }
             Err((e, commit_sent)) => Err(self.failed(&conn, e, commit_sent).await),
         }
     }
@@ -389,7 +414,17 @@ impl Writer {
             }
             return Ok(plan.results);
         }
-        match write_and_commit(&conn, None, &rows, &keys, plan.new_head, &self.channel).await {
+        match write_and_commit(
+            &conn,
+            None,
+            &rows,
+            &keys,
+            plan.new_head,
+            &self.channel,
+            None,
+        )
+        .await
+        {
             Ok(()) => {
                 self.committed(&rows, plan.new_head, snapshot.streams);
                 Ok(plan.results)
@@ -486,6 +521,7 @@ async fn pipelined_commit(
     let outcome = {
         let cmds: Vec<&AppendCommand> = sent.batch.iter().map(|r| &r.cmd).collect();
         let (rows, keys) = lay_out(&cmds, &sent.results, ids);
+        let conditions = conditions_json(&cmds, &sent.results);
         let written = write_and_commit(
             &conn,
             Some(&sent.check),
@@ -493,6 +529,7 @@ async fn pipelined_commit(
             &keys,
             sent.new_head,
             &channel,
+            conditions.as_deref(),
         );
         match tokio::time::timeout(limit, written).await {
             Ok(r) => r.map_err(Some),

@@ -60,10 +60,6 @@ impl Memory {
     /// A snapshot to plan `cmds` from without reading, if every stream is remembered.
     pub(super) fn snapshot(&self, cmds: &[&AppendCommand]) -> Option<Snapshot> {
         let head = self.head?;
-        // A condition is checked against the database under the global lock.
-        if cmds.iter().any(|c| c.condition.is_some()) {
-            return None;
-        }
         if self
             .rest_until
             .is_some_and(|t| std::time::Instant::now() < t)
