@@ -138,6 +138,63 @@ def consumer_group_member(store, prefix):
           f" in partition {got.partition}")
 
 
+def error_info(err):
+    """The google.rpc.ErrorInfo of a failed call."""
+    for detail in rpc_status.from_call(err).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo in the status details")
+
+
+def reserve_seat(store, course, student, capacity):
+    """A Dynamic Consistency Boundary decision: read the course's subscriptions by tag, decide,
+    append conditioned on nothing about the course having changed since the read; on a conflict,
+    decide again."""
+    about_course = pb.Query(items=[pb.QueryItem(types=["StudentSubscribed"], tags=[course])])
+    while True:
+        read = store.Read(pb.ReadRequest(query=about_course))
+        if len(read.events) >= capacity:
+            return False
+        try:
+            store.Append(pb.AppendRequest(
+                stream_id=f"{course}-{student}",
+                events=[pb.EventData(event_type="StudentSubscribed", json="{}",
+                                     tags=[course, student])],
+                condition=pb.AppendCondition(fail_if_events_match=about_course,
+                                             after_sequence=read.head)))
+            return True
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+
+
+def dcb_course_capacity(store, prefix):
+    """Five students for two seats, the second decision taken on a stale read: never over-booked."""
+    course = f"{prefix}course:1"
+    taken = [reserve_seat(store, course, f"{prefix}student:{i}", capacity=2) for i in range(5)]
+    assert taken == [True, True, False, False, False], taken
+    # A decision on a read from before the course filled (it saw the first seat only) is
+    # refused, not applied.
+    about_course = pb.Query(items=[pb.QueryItem(types=["StudentSubscribed"], tags=[course])])
+    first_seat = store.Read(pb.ReadRequest(query=about_course, limit=1)).head
+    try:
+        store.Append(pb.AppendRequest(
+            stream_id=f"{course}-late",
+            events=[pb.EventData(event_type="StudentSubscribed", json="{}", tags=[course])],
+            condition=pb.AppendCondition(fail_if_events_match=about_course,
+                                         after_sequence=first_seat)))
+        raise AssertionError("a stale decision was accepted")
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+        info = error_info(err)
+        assert info.reason == "APPEND_CONDITION_FAILED", info
+    seats = store.Read(pb.ReadRequest(query=about_course))
+    assert len(seats.events) == 2, seats
+    print(f"dcb: {len(seats.events)} of 5 students got the 2 seats; a stale decision was refused")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--addr", default="localhost:50051")
@@ -160,6 +217,7 @@ def main():
     read_all_pages(store, prefix)
     subscribe_with_checkpoint(store, prefix)
     consumer_group_member(store, prefix)
+    dcb_course_capacity(store, prefix)
     print("python example: all flows passed")
 
 
