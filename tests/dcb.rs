@@ -287,3 +287,41 @@ async fn concurrent_decisions_never_over_book() {
         assert!(n <= STUDENT_LIMIT, "student {student} has {n} courses");
     }
 }
+
+/// Two instances on one database decide on the same tag: each writer remembers only its own
+/// events, and the commit's proof of the head makes a decision that missed the other instance's
+/// event go through the database. Many rounds, one winner each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_side_by_side_never_both_win() {
+    let url = fresh_db().await;
+    let (a, b) = (Server::fresh_on(&url).await, Server::fresh_on(&url).await);
+    let mut reader = a.client().await;
+    for round in 0..20 {
+        let seat = query(&[], &[&format!("seat:{round}")]);
+        let head = read(&mut reader, &seat).await.1;
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let mut c = if i % 2 == 0 {
+                a.client().await
+            } else {
+                b.client().await
+            };
+            let seat = seat.clone();
+            tasks.push(tokio::spawn(async move {
+                c.append(conditional(
+                    &format!("r{round}-{i}"),
+                    tagged("SeatBooked", &tags(&[&format!("seat:{round}")])),
+                    seat,
+                    head,
+                ))
+                .await
+                .is_ok()
+            }));
+        }
+        let mut won = 0;
+        for t in tasks {
+            won += usize::from(t.await.unwrap());
+        }
+        assert_eq!(won, 1, "round {round}");
+    }
+}

@@ -59,6 +59,8 @@ pub(super) struct InFlight {
     pub(super) results: Vec<Result<AppendOutcome>>,
     /// The head and stream versions the batch was planned from, for `append_batch` to prove.
     pub(super) check: Check,
+    /// The append conditions `append_batch` checks (those the memory could not).
+    pub(super) conditions: Option<String>,
     /// The head after the batch.
     pub(super) new_head: u64,
     pub(super) events: u64,
@@ -152,15 +154,18 @@ impl Writer {
                 let plan = plan(&cmds, &snapshot, self.ids);
                 plan.clean().then(|| {
                     // The next batch is planned on this one.
+                    let first = snapshot.head + 1;
                     self.memory.head = Some(plan.new_head);
                     for (s, v) in &plan.streams {
                         self.memory.set(s, (*v, StreamState::Active));
                     }
-                    (plan.results, plan.new_head, Check::of(snapshot))
+                    self.memory.wrote(first, planned_events(&cmds));
+                    let conditions = conditions_json(&cmds, &plan.results, &snapshot.checked);
+                    (plan.results, plan.new_head, Check::of(snapshot), conditions)
                 })
             })
         };
-        let Some((results, new_head, check)) = planned else {
+        let Some((results, new_head, check, conditions)) = planned else {
             self.settle_in_flight().await;
             self.commit(batch).await;
             return;
@@ -180,6 +185,7 @@ impl Writer {
             batch,
             results,
             check,
+            conditions,
             new_head,
             events,
             started: std::time::Instant::now(),
@@ -359,9 +365,9 @@ impl Writer {
         new_head: u64,
     ) -> Result<bool, Failure> {
         let conn = self.connection().await.map_err(Failure::All)?;
+        let conditions = conditions_json(cmds, results, &snapshot.checked);
         let check = Check::of(snapshot);
         let (rows, keys) = lay_out(cmds, results, self.ids);
-        let conditions = conditions_json(cmds, results);
         match write_and_commit(
             &conn,
             Some(&check),
@@ -442,6 +448,15 @@ impl Writer {
     ) {
         self.published(rows.seq.len() as u64, new_head);
         self.memory.remember(new_head, seen);
+        if let Some(&first) = rows.seq.first() {
+            self.memory.wrote(
+                first as u64,
+                rows.event_type
+                    .iter()
+                    .copied()
+                    .zip(rows.tags.iter().copied()),
+            );
+        }
         for (s, v) in rows.upsert_stream.iter().zip(&rows.upsert_version) {
             self.memory.set(s, (*v as u64, StreamState::Active));
         }
@@ -521,7 +536,6 @@ async fn pipelined_commit(
     let outcome = {
         let cmds: Vec<&AppendCommand> = sent.batch.iter().map(|r| &r.cmd).collect();
         let (rows, keys) = lay_out(&cmds, &sent.results, ids);
-        let conditions = conditions_json(&cmds, &sent.results);
         let written = write_and_commit(
             &conn,
             Some(&sent.check),
@@ -529,7 +543,7 @@ async fn pipelined_commit(
             &keys,
             sent.new_head,
             &channel,
-            conditions.as_deref(),
+            sent.conditions.as_deref(),
         );
         match tokio::time::timeout(limit, written).await {
             Ok(r) => r.map_err(Some),
@@ -537,6 +551,15 @@ async fn pipelined_commit(
         }
     };
     Returned { sent, outcome }
+}
+
+/// The events of a batch planned clean (every append written), in sequence order.
+fn planned_events<'a>(
+    cmds: &[&'a AppendCommand],
+) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
+    cmds.iter()
+        .flat_map(|c| c.events.iter())
+        .map(|e| (e.event_type.as_str(), e.tags.as_deref()))
 }
 
 fn clone_err(e: &Error) -> Error {

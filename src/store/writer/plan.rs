@@ -4,7 +4,10 @@
 //! statement that writes them. Also the writer's memory of the database between commits, which
 //! lets a batch be planned without reading first.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::{HashMap, VecDeque},
+    time::SystemTime,
+};
 
 use uuid::Uuid;
 
@@ -16,6 +19,15 @@ use crate::store::{
 
 /// Most streams remembered (beyond it the memory starts afresh).
 pub(super) const REMEMBERED_STREAMS: usize = 100_000;
+/// Most recent events remembered for append conditions.
+pub(super) const REMEMBERED_EVENTS: usize = 20_000;
+
+/// An event the writer wrote, as an append condition looks at it.
+pub(super) struct RecentEvent {
+    seq: u64,
+    event_type: String,
+    tags: Option<String>,
+}
 
 /// What the writer knows of the database from its own transactions (and, while batches are in
 /// flight, what it will know once they commit).
@@ -27,12 +39,71 @@ pub(super) struct Memory {
     pub(super) streams: HashMap<String, (u64, StreamState)>,
     /// No one-round-trip attempt before this.
     pub(super) rest_until: Option<std::time::Instant>,
+    /// The events this writer wrote, oldest first, every sequence from `recent_from` on: while
+    /// the memory holds, nobody else wrote (a one-round-trip commit proves the head it was
+    /// planned from), so an append condition after `recent_from - 1` is checked here.
+    pub(super) recent: VecDeque<RecentEvent>,
+    pub(super) recent_from: Option<u64>,
 }
 
 impl Memory {
     pub(super) fn forget(&mut self) {
         self.head = None;
         self.streams.clear();
+        self.recent.clear();
+        self.recent_from = None;
+    }
+
+    /// Events written (or about to be, by a batch planned on this memory) from `first` on, in
+    /// sequence order. Not following the events remembered, they start the memory afresh.
+    pub(super) fn wrote<'a>(
+        &mut self,
+        first: u64,
+        events: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) {
+        let next = self.recent.back().map(|e| e.seq + 1).or(self.recent_from);
+        if next != Some(first) {
+            self.recent.clear();
+            self.recent_from = Some(first);
+        }
+        for (i, (event_type, tags)) in events.into_iter().enumerate() {
+            self.recent.push_back(RecentEvent {
+                seq: first + i as u64,
+                event_type: event_type.to_owned(),
+                tags: tags.map(str::to_owned),
+            });
+        }
+        while self.recent.len() > REMEMBERED_EVENTS {
+            self.recent.pop_front();
+        }
+        if let Some(front) = self.recent.front() {
+            self.recent_from = Some(front.seq);
+        }
+    }
+
+    /// The first remembered event after `after` that matches `query`: `Some(None)` when none
+    /// does and the memory covers everything after `after`; `None` when it does not.
+    fn conflict_in_memory(&self, c: &crate::store::AppendCondition) -> Option<Option<u64>> {
+        let from = self.recent_from?;
+        if c.after + 1 < from {
+            return None;
+        }
+        Some(
+            self.recent
+                .iter()
+                .find(|e| {
+                    e.seq > c.after
+                        && c.query.matches(
+                            &e.event_type,
+                            e.tags
+                                .as_deref()
+                                .unwrap_or_default()
+                                .split('\u{1f}')
+                                .filter(|t| !t.is_empty()),
+                        )
+                })
+                .map(|e| e.seq),
+        )
     }
 
     pub(super) fn remember(
@@ -42,6 +113,13 @@ impl Memory {
     ) {
         if self.streams.len() > REMEMBERED_STREAMS {
             self.streams.clear();
+        }
+        // A head read from the database: events up to it that the writer did not write are not
+        // remembered, so the remembered run of events starts after it unless it reaches it.
+        let next = self.recent.back().map(|e| e.seq + 1).or(self.recent_from);
+        if next != Some(head + 1) {
+            self.recent.clear();
+            self.recent_from = Some(head + 1);
         }
         self.head = Some(head);
         self.streams.extend(streams);
@@ -71,12 +149,25 @@ impl Memory {
             let s = self.streams.get(c.stream_id.as_str())?;
             streams.insert(c.stream_id.clone(), *s);
         }
+        let mut conflicts = HashMap::new();
+        let mut checked = Vec::new();
+        for (i, c) in cmds.iter().enumerate() {
+            if let Some(cond) = &c.condition
+                && let Some(conflict) = self.conflict_in_memory(cond)
+            {
+                checked.push(i);
+                if let Some(seq) = conflict {
+                    conflicts.insert(i, seq);
+                }
+            }
+        }
         Some(Snapshot {
             head,
             streams,
             event_ids: HashMap::new(),
             keys: HashMap::new(),
-            conflicts: HashMap::new(),
+            conflicts,
+            checked,
         })
     }
 }
@@ -98,6 +189,9 @@ pub(super) struct Snapshot {
     /// For each conditional append (by its index in the batch), the first stored event that
     /// fails its condition, if any.
     pub(super) conflicts: HashMap<usize, u64>,
+    /// The conditional appends whose conditions were checked in full against what the writer
+    /// remembers (the others are checked by `append_batch`).
+    pub(super) checked: Vec<usize>,
 }
 
 #[derive(Clone)]
@@ -528,6 +622,7 @@ mod tests {
             event_ids: HashMap::new(),
             keys: HashMap::new(),
             conflicts: HashMap::new(),
+            checked: Vec::new(),
         };
         let c1 = cmd("a", ExpectedVersion::Exact(2), 2);
         let c2 = cmd("a", ExpectedVersion::Exact(2), 1); // stale after c1
@@ -580,6 +675,7 @@ mod tests {
             event_ids: HashMap::new(),
             keys: HashMap::new(),
             conflicts: HashMap::new(),
+            checked: Vec::new(),
         }
     }
 

@@ -62,17 +62,19 @@ pub(super) fn condition_failed(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| c.code() == CONDITION_FAILED)
 }
 
-/// The append conditions of the appends a batch writes, as `append_batch` checks them (`None`
-/// without any).
+/// The append conditions of the appends a batch writes that the writer's memory did not check
+/// (`checked`), as `append_batch` checks them (`None` without any).
 pub(super) fn conditions_json(
     cmds: &[&AppendCommand],
     results: &[crate::error::Result<crate::store::AppendOutcome>],
+    checked: &[usize],
 ) -> Option<String> {
     let conditions: Vec<serde_json::Value> = cmds
         .iter()
         .zip(results)
-        .filter(|(_, r)| r.as_ref().is_ok_and(|o| !o.duplicate))
-        .filter_map(|(c, _)| c.condition.as_ref())
+        .enumerate()
+        .filter(|(i, (_, r))| r.as_ref().is_ok_and(|o| !o.duplicate) && !checked.contains(i))
+        .filter_map(|(_, (c, _))| c.condition.as_ref())
         .map(|c| serde_json::json!({"after": c.after, "items": condition_items(&c.query)}))
         .collect();
     (!conditions.is_empty()).then(|| serde_json::Value::Array(conditions).to_string())
@@ -260,6 +262,7 @@ pub(super) async fn read_under_lock(
         event_ids,
         keys,
         conflicts,
+        checked: Vec::new(),
     })
 }
 
