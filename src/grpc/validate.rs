@@ -121,9 +121,6 @@ pub fn timestamp(field: &str, ts: &prost_types::Timestamp) -> Result<SystemTime>
     SystemTime::try_from(*ts).map_err(|e| Error::invalid(field, e.to_string()))
 }
 
-/// What joins an event's tags on their way to `append_batch` (tags cannot contain it).
-const TAG_SEPARATOR: &str = "\u{1f}";
-
 /// Tags, validated: at most `limits.max_tags`, each 1 to `limits.max_tag_bytes` bytes without
 /// control characters; duplicates dropped (a tag set), first occurrence kept.
 pub fn tags(field: &str, tags: Vec<String>, limits: &Limits) -> Result<Vec<String>> {
@@ -448,7 +445,8 @@ fn event(i: usize, e: proto::EventData, limits: &Limits) -> Result<(NewEvent, bo
             payload,
             metadata,
             timestamp,
-            tags: (!tags.is_empty()).then(|| tags.join(TAG_SEPARATOR)),
+            tags: (!tags.is_empty())
+                .then(|| tags.join(crate::store::query::TAG_SEPARATOR.encode_utf8(&mut [0; 4]))),
         },
         client_id,
     ))

@@ -29,6 +29,18 @@ pub struct QueryItem {
     pub tags: Vec<String>,
 }
 
+/// What joins an event's tags on their way to `append_batch` and in the writer's memory (tags
+/// cannot contain it).
+pub const TAG_SEPARATOR: char = '\u{1f}';
+
+/// The tags of an event as the writer holds them (joined by [`TAG_SEPARATOR`]; `None`: none).
+pub fn split_tags(joined: Option<&str>) -> impl Iterator<Item = &str> + Clone {
+    joined
+        .unwrap_or_default()
+        .split(TAG_SEPARATOR)
+        .filter(|t| !t.is_empty())
+}
+
 /// The query's items as rows, once per statement (`$q` is the jsonb parameter).
 pub const ITEMS_CTE: &str = "q AS MATERIALIZED (SELECT i.types, i.tags \
      FROM jsonb_to_recordset($Q::jsonb) AS i(types text[], tags text[]))";
@@ -43,9 +55,20 @@ impl Query {
         self.items.is_empty()
     }
 
-    /// The query as the jsonb parameter of [`ITEMS_CTE`] (send it as a `db::JsonRef`).
+    /// The query's items as SQL takes them (the jsonb parameter of [`ITEMS_CTE`], sent as a
+    /// `db::JsonRef`). A query without items matches everything: it goes as one item without
+    /// types or tags.
+    pub fn to_value(&self) -> serde_json::Value {
+        if self.items.is_empty() {
+            serde_json::json!([{"types": [], "tags": []}])
+        } else {
+            serde_json::to_value(&self.items).unwrap_or_default()
+        }
+    }
+
+    /// [`Query::to_value`] as text.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(&self.items).unwrap_or_else(|_| "[]".into())
+        self.to_value().to_string()
     }
 
     /// Tags and types one of which every matching event has, when the query has such a

@@ -409,12 +409,7 @@ pub struct QueryRead {
 pub async fn read_query(conn: &mut PgConn, q: &QueryRead) -> Result<(Vec<EncodedEvent>, u64)> {
     let from = q.from_sequence.max(1) as i64;
     let limit = i64::from(q.limit);
-    // A query without items matches everything: as one item without types or tags.
-    let json = if q.query.matches_all() {
-        r#"[{"types":[],"tags":[]}]"#.to_owned()
-    } else {
-        q.query.to_json()
-    };
+    let json = q.query.to_json();
     let items = JsonRef(&json);
     let prefilter = q.query.prefilter();
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from, &limit, &items];

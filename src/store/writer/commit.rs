@@ -150,6 +150,7 @@ impl Writer {
     async fn send_or_commit(&mut self, batch: Vec<Request>) {
         let planned = {
             let cmds: Vec<&AppendCommand> = batch.iter().map(|r| &r.cmd).collect();
+            self.memory.note_conditions(&cmds);
             self.memory.snapshot(&cmds).and_then(|snapshot| {
                 let plan = plan(&cmds, &snapshot, self.ids);
                 plan.clean().then(|| {
@@ -340,6 +341,7 @@ impl Writer {
         &mut self,
         cmds: &[&AppendCommand],
     ) -> Result<Vec<Result<AppendOutcome>>, Failure> {
+        self.memory.note_conditions(cmds);
         if let Some(snapshot) = self.memory.snapshot(cmds) {
             let plan = plan(cmds, &snapshot, self.ids);
             if plan.clean() {

@@ -12,6 +12,7 @@ use std::{
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::store::query::split_tags;
 use crate::store::{
     AppendCommand, AppendOutcome, Payload, StreamState, db::JsonRef, ids::AssignedIds,
     partition_key,
@@ -44,6 +45,9 @@ pub(super) struct Memory {
     /// planned from), so an append condition after `recent_from - 1` is checked here.
     pub(super) recent: VecDeque<RecentEvent>,
     pub(super) recent_from: Option<u64>,
+    /// Whether appends with conditions have come: only then are events remembered (copying
+    /// every event's type and tags would tax the append path of a store that never uses them).
+    pub(super) conditions_used: bool,
 }
 
 impl Memory {
@@ -61,6 +65,9 @@ impl Memory {
         first: u64,
         events: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
     ) {
+        if !self.conditions_used {
+            return;
+        }
         let next = self.recent.back().map(|e| e.seq + 1).or(self.recent_from);
         if next != Some(first) {
             self.recent.clear();
@@ -93,14 +100,8 @@ impl Memory {
                 .iter()
                 .find(|e| {
                     e.seq > c.after
-                        && c.query.matches(
-                            &e.event_type,
-                            e.tags
-                                .as_deref()
-                                .unwrap_or_default()
-                                .split('\u{1f}')
-                                .filter(|t| !t.is_empty()),
-                        )
+                        && c.query
+                            .matches(&e.event_type, split_tags(e.tags.as_deref()))
                 })
                 .map(|e| e.seq),
         )
@@ -132,6 +133,13 @@ impl Memory {
             None => {
                 self.streams.insert(stream.to_owned(), version);
             }
+        }
+    }
+
+    /// Notes whether `cmds` carry conditions: from the first, the events written are remembered.
+    pub(super) fn note_conditions(&mut self, cmds: &[&AppendCommand]) {
+        if !self.conditions_used && cmds.iter().any(|c| c.condition.is_some()) {
+            self.conditions_used = true;
         }
     }
 
@@ -401,13 +409,7 @@ pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: Assigne
                 planned
                     .iter()
                     .find(|(seq, ty, tags)| {
-                        *seq > c.after
-                            && c.query.matches(
-                                ty,
-                                tags.unwrap_or_default()
-                                    .split('\u{1f}')
-                                    .filter(|t| !t.is_empty()),
-                            )
+                        *seq > c.after && c.query.matches(ty, split_tags(*tags))
                     })
                     .map(|(seq, _, _)| *seq)
             });

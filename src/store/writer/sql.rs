@@ -75,19 +75,9 @@ pub(super) fn conditions_json(
         .enumerate()
         .filter(|(i, (_, r))| r.as_ref().is_ok_and(|o| !o.duplicate) && !checked.contains(i))
         .filter_map(|(_, (c, _))| c.condition.as_ref())
-        .map(|c| serde_json::json!({"after": c.after, "items": condition_items(&c.query)}))
+        .map(|c| serde_json::json!({"after": c.after, "items": c.query.to_value()}))
         .collect();
     (!conditions.is_empty()).then(|| serde_json::Value::Array(conditions).to_string())
-}
-
-/// A query's items for SQL; a query without items matches everything: one item without types
-/// or tags.
-fn condition_items(q: &crate::store::query::Query) -> serde_json::Value {
-    if q.matches_all() {
-        serde_json::json!([{"types": [], "tags": []}])
-    } else {
-        serde_json::to_value(&q.items).unwrap_or_default()
-    }
 }
 
 /// Whether a failed one-round-trip statement wrote nothing because the writer's memory was wrong:
@@ -159,8 +149,7 @@ pub(super) async fn read_under_lock(
         .enumerate()
         .filter_map(|(i, c)| {
             let c = c.condition.as_ref()?;
-            let items = condition_items(&c.query);
-            Some(serde_json::json!({"i": i, "after": c.after, "items": items}))
+            Some(serde_json::json!({"i": i, "after": c.after, "items": c.query.to_value()}))
         })
         .collect();
     let conditions_json = serde_json::Value::Array(conditions).to_string();
