@@ -165,6 +165,9 @@ def contains(answer, expected):
     if isinstance(expected, dict):
         return isinstance(answer, dict) and all(
             k in answer and contains(answer[k], v) for k, v in expected.items())
+    if isinstance(expected, list):
+        return isinstance(answer, list) and len(answer) == len(expected) and all(
+            contains(a, e) for a, e in zip(answer, expected))
     return answer == expected
 
 

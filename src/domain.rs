@@ -128,21 +128,59 @@ pub struct NewEvent {
     pub tags: Option<String>,
 }
 
-/// A validated append.
+/// A validated append: events for one or more streams, written atomically (all or nothing).
 #[derive(Debug, Clone)]
 pub struct AppendCommand {
-    /// The stream.
-    pub stream_id: String,
-    /// The concurrency check.
-    pub expected: ExpectedVersion,
-    /// The events (at least one).
-    pub events: Vec<NewEvent>,
+    /// The streams written, each once, in the order their events take global sequences.
+    pub parts: Vec<StreamAppend>,
     /// Whether the client chose the event ids (then they are checked for retries).
     pub client_event_ids: bool,
     /// The idempotency key, if any.
     pub idempotency_key: Option<String>,
     /// A Dynamic Consistency Boundary condition, if any.
     pub condition: Option<AppendCondition>,
+}
+
+/// The events an append writes to one stream.
+#[derive(Debug, Clone)]
+pub struct StreamAppend {
+    /// The stream.
+    pub stream_id: String,
+    /// The concurrency check.
+    pub expected: ExpectedVersion,
+    /// The events (at least one).
+    pub events: Vec<NewEvent>,
+}
+
+impl AppendCommand {
+    /// An append to one stream.
+    pub fn one(stream_id: String, expected: ExpectedVersion, events: Vec<NewEvent>) -> Self {
+        AppendCommand {
+            parts: vec![StreamAppend {
+                stream_id,
+                expected,
+                events,
+            }],
+            client_event_ids: false,
+            idempotency_key: None,
+            condition: None,
+        }
+    }
+
+    /// Every event, in the order they take sequences.
+    pub fn events(&self) -> impl Iterator<Item = &NewEvent> {
+        self.parts.iter().flat_map(|p| p.events.iter())
+    }
+
+    /// How many events the append writes.
+    pub fn event_count(&self) -> usize {
+        self.parts.iter().map(|p| p.events.len()).sum()
+    }
+
+    /// Whether the streams written are `streams`, in this order.
+    pub fn writes<'a>(&self, streams: impl IntoIterator<Item = &'a str>) -> bool {
+        self.parts.iter().map(|p| p.stream_id.as_str()).eq(streams)
+    }
 }
 
 /// Fail an append if an event matching `query` was committed after `after`.
@@ -155,16 +193,40 @@ pub struct AppendCondition {
 }
 
 /// The result of an append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
-    /// The stream's version after the append.
-    pub version: u64,
-    /// The first global sequence written.
-    pub first_sequence: u64,
-    /// The last global sequence written.
-    pub last_sequence: u64,
+    /// Each stream's result, in the order of the append's parts.
+    pub parts: Vec<PartOutcome>,
     /// Whether this was a retry of a committed append (nothing written).
     pub duplicate: bool,
+}
+
+/// What an append did to one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartOutcome {
+    /// The stream's version after the append.
+    pub version: u64,
+    /// The first global sequence written to it.
+    pub first_sequence: u64,
+    /// The last global sequence written to it.
+    pub last_sequence: u64,
+}
+
+impl AppendOutcome {
+    /// The first global sequence the append wrote.
+    pub fn first_sequence(&self) -> u64 {
+        self.parts.first().map_or(0, |p| p.first_sequence)
+    }
+
+    /// The last global sequence the append wrote.
+    pub fn last_sequence(&self) -> u64 {
+        self.parts.last().map_or(0, |p| p.last_sequence)
+    }
+
+    /// The version of the last stream written (the only one, for an append to one stream).
+    pub fn version(&self) -> u64 {
+        self.parts.last().map_or(0, |p| p.version)
+    }
 }
 
 /// A stored event.

@@ -64,9 +64,9 @@ pub enum Error {
         version: u64,
     },
 
-    /// An idempotency key was reused for a different stream.
-    #[error("idempotency key {key:?} was already used for stream {stream_id:?}")]
-    IdempotencyKeyConflict { key: String, stream_id: String },
+    /// An idempotency key was reused for an append to other streams.
+    #[error("idempotency key {key:?} was already used for an append to {}", quoted(.streams))]
+    IdempotencyKeyConflict { key: String, streams: Vec<String> },
 
     /// A snapshot is ahead of its stream.
     #[error(
@@ -192,4 +192,16 @@ impl Error {
             Error::Internal(_) => "INTERNAL",
         }
     }
+}
+
+/// Stream ids as a message names them: `"a"`, or `"a", "b"`.
+fn quoted(streams: &[String]) -> String {
+    if streams.is_empty() {
+        return "streams this release cannot name".into();
+    }
+    streams
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -11,6 +11,7 @@ use std::{
 
 mod dcb;
 mod growth;
+mod multi;
 
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
@@ -44,6 +45,9 @@ enum Scenario {
     /// Conditional (Dynamic Consistency Boundary) appends against unconditional ones, and a
     /// contended decision on one tag.
     Dcb(dcb::DcbArgs),
+    /// Appends of one event to each of K streams in one MultiStreamAppend, against the same
+    /// events to one stream in one Append.
+    Multi(multi::MultiArgs),
 }
 
 #[derive(Args, Clone)]
@@ -571,6 +575,7 @@ async fn append_scenario(a: AppendArgs) {
 async fn main() {
     match Cli::parse().scenario {
         Scenario::Append(a) => append_scenario(a).await,
+        Scenario::Multi(a) => multi::multi_scenario(a).await,
         Scenario::Read(a) => read_scenario(a).await,
         Scenario::Live(a) => live_scenario(a).await,
         Scenario::Idle(a) => idle_scenario(a).await,

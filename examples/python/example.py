@@ -195,6 +195,40 @@ def dcb_course_capacity(store, prefix):
     print(f"dcb: {len(seats.events)} of 5 students got the 2 seats; a stale decision was refused")
 
 
+def transfer(store, prefix):
+    """Move money between two accounts with one MultiStreamAppend: both streams are written at
+    the versions the decision read, or neither is."""
+    a, b = f"{prefix}account-a", f"{prefix}account-b"
+    opened = store.MultiStreamAppend(pb.MultiStreamAppendRequest(parts=[
+        pb.AppendPart(stream_id=a, no_stream=True, events=[event("Deposited", {"amount": 10})]),
+        pb.AppendPart(stream_id=b, no_stream=True, events=[event("Opened", {})]),
+    ]))
+    assert [p.version for p in opened.parts] == [1, 1], opened
+    key = f"transfer-{prefix}1"
+    request = pb.MultiStreamAppendRequest(idempotency_key=key, parts=[
+        pb.AppendPart(stream_id=a, exact=1, events=[event("Debited", {"amount": 4})]),
+        pb.AppendPart(stream_id=b, exact=1, events=[event("Credited", {"amount": 4})]),
+    ])
+    moved = store.MultiStreamAppend(request)
+    assert moved.last_sequence == moved.first_sequence + 1, moved
+    assert store.MultiStreamAppend(request).duplicate, "a retry with the key writes nothing"
+    # A second transfer decided on the same (now stale) versions: refused, neither stream written.
+    stale = pb.MultiStreamAppendRequest(parts=[
+        pb.AppendPart(stream_id=a, exact=1, events=[event("Debited", {"amount": 4})]),
+        pb.AppendPart(stream_id=b, exact=2, events=[event("Credited", {"amount": 4})]),
+    ])
+    try:
+        store.MultiStreamAppend(stale)
+        raise AssertionError("the stale transfer was accepted")
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.code()
+        info = error_info(err)
+        assert info.reason == "WRONG_EXPECTED_VERSION" and info.metadata["stream_id"] == a, info
+    versions = [store.GetStream(pb.GetStreamRequest(stream_id=s)).version for s in (a, b)]
+    assert versions == [2, 2], versions
+    print(f"transfer: both accounts at version 2; the stale transfer was refused on {a}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--addr", default="localhost:50051")
@@ -218,6 +252,7 @@ def main():
     subscribe_with_checkpoint(store, prefix)
     consumer_group_member(store, prefix)
     dcb_course_capacity(store, prefix)
+    transfer(store, prefix)
     print("python example: all flows passed")
 
 

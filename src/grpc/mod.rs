@@ -266,10 +266,49 @@ impl EventStore for EventStoreService {
         let cmd = validate::append(req.into_inner(), &self.limits)?;
         let out = self.store.append(cmd).await?;
         Ok(Response::new(proto::AppendResponse {
-            version: out.version,
-            first_sequence: out.first_sequence,
-            last_sequence: out.last_sequence,
+            version: out.version(),
+            first_sequence: out.first_sequence(),
+            last_sequence: out.last_sequence(),
             duplicate: out.duplicate,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(parts = req.get_ref().parts.len()))]
+    async fn multi_stream_append(
+        &self,
+        req: Request<proto::MultiStreamAppendRequest>,
+    ) -> Result<Response<proto::MultiStreamAppendResponse>, Status> {
+        let cmd = validate::multi_stream_append(req.into_inner(), &self.limits)?;
+        let streams: Vec<String> = cmd.parts.iter().map(|p| p.stream_id.clone()).collect();
+        let out = self.store.append(cmd).await.map_err(|e| {
+            // A part's expectation failing is a precondition of the call (as in KurrentDB's
+            // multi-stream append), where Append answers ABORTED; the details are the same.
+            let wrong_version = matches!(e, crate::error::Error::WrongExpectedVersion { .. });
+            let status = Status::from(e);
+            if wrong_version {
+                Status::with_details(
+                    tonic::Code::FailedPrecondition,
+                    status.message(),
+                    status.details().to_vec().into(),
+                )
+            } else {
+                status
+            }
+        })?;
+        Ok(Response::new(proto::MultiStreamAppendResponse {
+            first_sequence: out.first_sequence(),
+            last_sequence: out.last_sequence(),
+            duplicate: out.duplicate,
+            parts: streams
+                .into_iter()
+                .zip(out.parts)
+                .map(|(stream_id, p)| proto::AppendPartResult {
+                    stream_id,
+                    version: p.version,
+                    first_sequence: p.first_sequence,
+                    last_sequence: p.last_sequence,
+                })
+                .collect(),
         }))
     }
 

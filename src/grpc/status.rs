@@ -85,13 +85,16 @@ impl From<Error> for Status {
                     ("version", version.to_string()),
                 ]),
             ),
-            Error::IdempotencyKeyConflict { key, stream_id } => (
-                Code::AlreadyExists,
-                info(vec![
+            Error::IdempotencyKeyConflict { key, streams } => {
+                let mut meta = vec![
                     ("idempotency_key", key.clone()),
-                    ("stream_id", stream_id.clone()),
-                ]),
-            ),
+                    ("stream_id", streams.first().cloned().unwrap_or_default()),
+                ];
+                if streams.len() > 1 {
+                    meta.push(("stream_ids", serde_json::json!(streams).to_string()));
+                }
+                (Code::AlreadyExists, info(meta))
+            }
             Error::SnapshotAhead {
                 stream_id,
                 snapshot_version,

@@ -15,7 +15,8 @@ use crate::proto;
 use crate::store::query::{Query, QueryItem};
 use crate::store::retention::Retention;
 use crate::store::{
-    AppendCommand, AppendCondition, ExpectedVersion, NewEvent, Payload, is_json_content_type,
+    AppendCommand, AppendCondition, ExpectedVersion, NewEvent, Payload, StreamAppend,
+    is_json_content_type,
 };
 
 /// The content type used when an event names none.
@@ -234,96 +235,229 @@ pub fn retention(r: &proto::SetStreamMetadataRequest) -> Result<Retention> {
 pub fn append(req: proto::AppendRequest, limits: &Limits) -> Result<AppendCommand> {
     use proto::append_request::ExpectedVersion as Ev;
     name("stream_id", &req.stream_id, limits.max_stream_id_bytes)?;
-    let expected = match req.expected_version {
-        None => ExpectedVersion::Any,
-        Some(Ev::Any(true)) => ExpectedVersion::Any,
-        Some(Ev::NoStream(true)) => ExpectedVersion::NoStream,
-        Some(Ev::StreamExists(true)) => ExpectedVersion::StreamExists,
-        Some(Ev::Exact(v)) => {
-            position("expected_version.exact", v)?;
-            ExpectedVersion::Exact(v)
-        }
-        Some(Ev::Any(false) | Ev::NoStream(false) | Ev::StreamExists(false)) => {
-            return Err(Error::invalid(
-                "expected_version",
-                "any, no_stream and stream_exists must be true when set",
-            ));
-        }
-    };
+    let expected = expected_version(
+        "expected_version",
+        req.expected_version.map(|e| match e {
+            Ev::Any(b) => Expected::Any(b),
+            Ev::NoStream(b) => Expected::NoStream(b),
+            Ev::StreamExists(b) => Expected::StreamExists(b),
+            Ev::Exact(v) => Expected::Exact(v),
+        }),
+    )?;
     if req.events.is_empty() {
         return Err(Error::invalid("events", "at least one event is required"));
     }
-    if req.events.len() > limits.max_events_per_append {
-        return Err(Error::TooLarge {
-            what: "events per append (count)".into(),
-            limit: limits.max_events_per_append,
-            actual: req.events.len(),
-        });
-    }
-    let idempotency_key = if req.idempotency_key.is_empty() {
-        None
-    } else {
-        name(
-            "idempotency_key",
-            &req.idempotency_key,
-            limits.max_stream_id_bytes,
-        )?;
-        Some(req.idempotency_key)
-    };
-    let condition = match req.condition {
-        None => None,
-        Some(c) => {
-            position("condition.after_sequence", c.after_sequence)?;
-            Some(AppendCondition {
-                query: query(
-                    "condition.fail_if_events_match",
-                    c.fail_if_events_match,
-                    limits,
-                )?
-                .unwrap_or_default(),
-                after: c.after_sequence,
-            })
-        }
-    };
-    let mut events = Vec::with_capacity(req.events.len());
-    let mut client_ids = 0usize;
-    let mut seen = HashSet::new();
-    let mut total = 0usize;
-    for (i, e) in req.events.into_iter().enumerate() {
-        let ev = event(i, e, limits)?;
-        if ev.1 {
-            client_ids += 1;
-            if !seen.insert(ev.0.event_id) {
-                return Err(Error::invalid(
-                    format!("events[{i}].event_id"),
-                    format!("{} appears twice in this append", ev.0.event_id),
-                ));
-            }
-        }
-        total += ev.0.payload.len() + ev.0.metadata.as_ref().map_or(0, String::len);
-        events.push(ev.0);
-    }
-    if total > limits.max_append_bytes {
-        return Err(Error::TooLarge {
-            what: "append (payloads and metadata)".into(),
-            limit: limits.max_append_bytes,
-            actual: total,
-        });
-    }
-    if client_ids != 0 && client_ids != events.len() {
-        return Err(Error::invalid(
-            "events.event_id",
-            "give an event id for every event of an append, or for none",
-        ));
-    }
+    event_count(req.events.len(), limits)?;
+    let idempotency_key = idempotency_key(req.idempotency_key, limits)?;
+    let condition = condition(req.condition, limits)?;
+    let mut seen = EventsSeen::default();
+    let events = seen.take("", req.events, limits)?;
+    seen.finish(limits)?;
     Ok(AppendCommand {
-        stream_id: req.stream_id,
-        expected,
-        events,
-        client_event_ids: client_ids != 0,
+        parts: vec![StreamAppend {
+            stream_id: req.stream_id,
+            expected,
+            events,
+        }],
+        client_event_ids: seen.client_ids != 0,
         idempotency_key,
         condition,
     })
+}
+
+/// A MultiStreamAppendRequest, validated into a command: at least one part, each stream once,
+/// every part with events; the limits on an append's events and bytes hold for the whole call.
+pub fn multi_stream_append(
+    req: proto::MultiStreamAppendRequest,
+    limits: &Limits,
+) -> Result<AppendCommand> {
+    use proto::append_part::ExpectedVersion as Ev;
+    if req.parts.is_empty() {
+        return Err(Error::invalid("parts", "at least one part is required"));
+    }
+    event_count(req.parts.iter().map(|p| p.events.len()).sum(), limits)?;
+    let mut streams = HashSet::new();
+    for (p, part) in req.parts.iter().enumerate() {
+        name(
+            &format!("parts[{p}].stream_id"),
+            &part.stream_id,
+            limits.max_stream_id_bytes,
+        )?;
+        if !streams.insert(part.stream_id.as_str()) {
+            return Err(Error::invalid(
+                format!("parts[{p}].stream_id"),
+                format!(
+                    "stream {:?} is in an earlier part: give each stream one part",
+                    part.stream_id
+                ),
+            ));
+        }
+        if part.events.is_empty() {
+            return Err(Error::invalid(
+                format!("parts[{p}].events"),
+                "at least one event is required",
+            ));
+        }
+    }
+    let idempotency_key = idempotency_key(req.idempotency_key, limits)?;
+    let condition = condition(req.condition, limits)?;
+    let mut seen = EventsSeen::default();
+    let mut parts = Vec::with_capacity(req.parts.len());
+    for (p, part) in req.parts.into_iter().enumerate() {
+        let expected = expected_version(
+            &format!("parts[{p}].expected_version"),
+            part.expected_version.map(|e| match e {
+                Ev::Any(b) => Expected::Any(b),
+                Ev::NoStream(b) => Expected::NoStream(b),
+                Ev::StreamExists(b) => Expected::StreamExists(b),
+                Ev::Exact(v) => Expected::Exact(v),
+            }),
+        )?;
+        let events = seen.take(&format!("parts[{p}]."), part.events, limits)?;
+        parts.push(StreamAppend {
+            stream_id: part.stream_id,
+            expected,
+            events,
+        });
+    }
+    seen.finish(limits)?;
+    Ok(AppendCommand {
+        parts,
+        client_event_ids: seen.client_ids != 0,
+        idempotency_key,
+        condition,
+    })
+}
+
+/// An expected-version oneof, whichever message it came in.
+enum Expected {
+    Any(bool),
+    NoStream(bool),
+    StreamExists(bool),
+    Exact(u64),
+}
+
+fn expected_version(field: &str, e: Option<Expected>) -> Result<ExpectedVersion> {
+    Ok(match e {
+        None | Some(Expected::Any(true)) => ExpectedVersion::Any,
+        Some(Expected::NoStream(true)) => ExpectedVersion::NoStream,
+        Some(Expected::StreamExists(true)) => ExpectedVersion::StreamExists,
+        Some(Expected::Exact(v)) => {
+            position(&format!("{field}.exact"), v)?;
+            ExpectedVersion::Exact(v)
+        }
+        Some(Expected::Any(false) | Expected::NoStream(false) | Expected::StreamExists(false)) => {
+            return Err(Error::invalid(
+                field,
+                "any, no_stream and stream_exists must be true when set",
+            ));
+        }
+    })
+}
+
+fn event_count(n: usize, limits: &Limits) -> Result<()> {
+    if n > limits.max_events_per_append {
+        return Err(Error::TooLarge {
+            what: "events per append (count)".into(),
+            limit: limits.max_events_per_append,
+            actual: n,
+        });
+    }
+    Ok(())
+}
+
+fn idempotency_key(key: String, limits: &Limits) -> Result<Option<String>> {
+    if key.is_empty() {
+        return Ok(None);
+    }
+    name("idempotency_key", &key, limits.max_stream_id_bytes)?;
+    Ok(Some(key))
+}
+
+fn condition(
+    c: Option<proto::AppendCondition>,
+    limits: &Limits,
+) -> Result<Option<AppendCondition>> {
+    let Some(c) = c else { return Ok(None) };
+    position("condition.after_sequence", c.after_sequence)?;
+    Ok(Some(AppendCondition {
+        query: query(
+            "condition.fail_if_events_match",
+            c.fail_if_events_match,
+            limits,
+        )?
+        .unwrap_or_default(),
+        after: c.after_sequence,
+    }))
+}
+
+/// What the events of one append have in common: ids chosen for all or none, each id once, the
+/// payload bytes within `limits.max_append_bytes`.
+#[derive(Default)]
+struct EventsSeen {
+    count: usize,
+    client_ids: usize,
+    ids: HashSet<Uuid>,
+    bytes: usize,
+}
+
+impl EventsSeen {
+    /// The events of a part (`at`: its field path prefix, empty for an Append's events).
+    fn take(
+        &mut self,
+        at: &str,
+        list: Vec<proto::EventData>,
+        limits: &Limits,
+    ) -> Result<Vec<NewEvent>> {
+        let mut events = Vec::with_capacity(list.len());
+        for (i, e) in list.into_iter().enumerate() {
+            let (ev, client_id) = event(i, e, limits).map_err(|e| under_prefix(e, at))?;
+            if client_id {
+                self.client_ids += 1;
+                if !self.ids.insert(ev.event_id) {
+                    return Err(Error::invalid(
+                        format!("{at}events[{i}].event_id"),
+                        format!("{} appears twice in this append", ev.event_id),
+                    ));
+                }
+            }
+            self.bytes += ev.payload.len() + ev.metadata.as_ref().map_or(0, String::len);
+            events.push(ev);
+        }
+        self.count += events.len();
+        Ok(events)
+    }
+
+    fn finish(&self, limits: &Limits) -> Result<()> {
+        if self.bytes > limits.max_append_bytes {
+            return Err(Error::TooLarge {
+                what: "append (payloads and metadata)".into(),
+                limit: limits.max_append_bytes,
+                actual: self.bytes,
+            });
+        }
+        if self.client_ids != 0 && self.client_ids != self.count {
+            return Err(Error::invalid(
+                "events.event_id",
+                "give an event id for every event of an append, or for none",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An event's error, under its part's field path.
+fn under_prefix(e: Error, at: &str) -> Error {
+    if at.is_empty() {
+        return e;
+    }
+    match e {
+        Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+            field: format!("{at}{field}"),
+            reason,
+        },
+        other => other,
+    }
 }
 
 /// An error found under a short field name, put under its full path.

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::domain::{
-    AppendCommand, AppendCondition, AppendOutcome, ExpectedVersion, NewEvent, Payload,
-    RecordedEvent, StreamState, is_json_content_type, partition_key,
+    AppendCommand, AppendCondition, AppendOutcome, ExpectedVersion, NewEvent, PartOutcome, Payload,
+    RecordedEvent, StreamAppend, StreamState, is_json_content_type, partition_key,
 };
 use crate::error::Result;
 pub use db::Pool;

@@ -128,7 +128,7 @@ impl Writer {
 
     /// `first` and every append waiting behind it, up to the batch limits.
     fn gather(&self, first: Request, rx: &mut mpsc::Receiver<Request>) -> Vec<Request> {
-        let mut events = first.cmd.events.len();
+        let mut events = first.cmd.event_count();
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
         while batch.len() < self.settings.max_batch_appends
@@ -136,7 +136,7 @@ impl Writer {
         {
             match rx.try_recv() {
                 Ok(r) => {
-                    events += r.cmd.events.len();
+                    events += r.cmd.event_count();
                     batch.push(r);
                 }
                 Err(_) => break,
@@ -181,7 +181,7 @@ impl Writer {
                 return;
             }
         };
-        let events = batch.iter().map(|r| r.cmd.events.len() as u64).sum();
+        let events = batch.iter().map(|r| r.cmd.event_count() as u64).sum();
         let sent = InFlight {
             batch,
             results,
@@ -475,8 +475,7 @@ impl Writer {
                 if !outcome.duplicate {
                     bytes += req
                         .cmd
-                        .events
-                        .iter()
+                        .events()
                         .map(|e| e.payload.len() as u64)
                         .sum::<u64>();
                 }
@@ -560,7 +559,7 @@ fn planned_events<'a>(
     cmds: &[&'a AppendCommand],
 ) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
     cmds.iter()
-        .flat_map(|c| c.events.iter())
+        .flat_map(|c| c.events())
         .map(|e| (e.event_type.as_str(), e.tags.as_deref()))
 }
 

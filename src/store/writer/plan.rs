@@ -5,7 +5,9 @@
 //! lets a batch be planned without reading first.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, VecDeque},
+    fmt::Write as _,
     time::SystemTime,
 };
 
@@ -14,7 +16,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::store::query::split_tags;
 use crate::store::{
-    AppendCommand, AppendOutcome, Payload, StreamState, db::JsonRef, ids::AssignedIds,
+    AppendCommand, AppendOutcome, PartOutcome, Payload, StreamState, db::JsonRef, ids::AssignedIds,
     partition_key,
 };
 
@@ -153,9 +155,9 @@ impl Memory {
             return None;
         }
         let mut streams = HashMap::new();
-        for c in cmds {
-            let s = self.streams.get(c.stream_id.as_str())?;
-            streams.insert(c.stream_id.clone(), *s);
+        for p in cmds.iter().flat_map(|c| &c.parts) {
+            let s = self.streams.get(p.stream_id.as_str())?;
+            streams.insert(p.stream_id.clone(), *s);
         }
         let mut conflicts = HashMap::new();
         let mut checked = Vec::new();
@@ -193,7 +195,7 @@ pub(super) struct Snapshot {
     pub(super) head: u64,
     pub(super) streams: HashMap<String, (u64, StreamState)>,
     pub(super) event_ids: HashMap<Uuid, Stored>,
-    pub(super) keys: HashMap<String, AppendOutcomeWithStream>,
+    pub(super) keys: HashMap<String, Keyed>,
     /// For each conditional append (by its index in the batch), the first stored event that
     /// fails its condition, if any.
     pub(super) conflicts: HashMap<usize, u64>,
@@ -202,10 +204,84 @@ pub(super) struct Snapshot {
     pub(super) checked: Vec<usize>,
 }
 
+/// What an idempotency key recorded: the streams the append wrote and its result.
 #[derive(Clone)]
-pub(super) struct AppendOutcomeWithStream {
-    pub(super) stream_id: String,
+pub(super) struct Keyed {
+    pub(super) streams: Vec<String>,
     pub(super) outcome: AppendOutcome,
+}
+
+/// Separates the parts of a multi-stream append in an idempotency key's `stream_id` column, and
+/// [`FIELD_SEPARATOR`] the fields of a part: neither can appear in a stream id (no control
+/// characters), so a one-stream append's row (the stream id alone, as every release wrote it)
+/// and a multi-stream one's never look alike.
+const PART_SEPARATOR: char = '\u{1e}';
+const FIELD_SEPARATOR: char = '\u{1f}';
+
+impl Keyed {
+    /// The `stream_id` column of the key row recording `outcome` of `cmd`: the stream id for an
+    /// append to one stream; for several, each part's stream, version and sequences.
+    pub(super) fn stream_column<'a>(
+        cmd: &'a AppendCommand,
+        outcome: &AppendOutcome,
+    ) -> Cow<'a, str> {
+        if let [part] = cmd.parts.as_slice() {
+            return Cow::Borrowed(&part.stream_id);
+        }
+        let mut s = String::new();
+        for (i, (part, o)) in cmd.parts.iter().zip(&outcome.parts).enumerate() {
+            if i > 0 {
+                s.push(PART_SEPARATOR);
+            }
+            let f = FIELD_SEPARATOR;
+            let _ = write!(
+                s,
+                "{}{f}{}{f}{}{f}{}",
+                part.stream_id, o.version, o.first_sequence, o.last_sequence
+            );
+        }
+        Cow::Owned(s)
+    }
+
+    /// A key row read back (`None` for a `stream_id` column this release cannot read).
+    pub(super) fn from_row(stream: String, version: u64, first: u64, last: u64) -> Option<Keyed> {
+        if !stream.contains(PART_SEPARATOR) {
+            return Some(Keyed {
+                outcome: AppendOutcome {
+                    parts: vec![PartOutcome {
+                        version,
+                        first_sequence: first,
+                        last_sequence: last,
+                    }],
+                    duplicate: true,
+                },
+                streams: vec![stream],
+            });
+        }
+        let mut streams = Vec::new();
+        let mut parts = Vec::new();
+        for part in stream.split(PART_SEPARATOR) {
+            let mut f = part.split(FIELD_SEPARATOR);
+            let (Some(id), Some(v), Some(a), Some(b), None) =
+                (f.next(), f.next(), f.next(), f.next(), f.next())
+            else {
+                return None;
+            };
+            streams.push(id.to_owned());
+            parts.push(PartOutcome {
+                version: v.parse().ok()?,
+                first_sequence: a.parse().ok()?,
+                last_sequence: b.parse().ok()?,
+            });
+        }
+        Some(Keyed {
+            streams,
+            outcome: AppendOutcome {
+                parts,
+                duplicate: true,
+            },
+        })
+    }
 }
 
 /// The rows of one transaction, column by column.
@@ -233,7 +309,7 @@ pub(super) struct Rows<'a> {
 #[derive(Default)]
 pub(super) struct Keys<'a> {
     pub(super) key: Vec<&'a str>,
-    pub(super) stream_id: Vec<&'a str>,
+    pub(super) stream_id: Vec<Cow<'a, str>>,
     pub(super) version: Vec<i64>,
     pub(super) first: Vec<i64>,
     pub(super) last: Vec<i64>,
@@ -254,49 +330,51 @@ pub(super) fn lay_out<'a>(
         if o.duplicate {
             continue;
         }
-        let first_version = o.version + 1 - cmd.events.len() as u64;
-        let pk = i64::from(partition_key(&cmd.stream_id));
-        for (i, e) in cmd.events.iter().enumerate() {
-            let seq = o.first_sequence + i as u64;
-            rows.seq.push(seq as i64);
-            rows.stream_id.push(&cmd.stream_id);
-            rows.version.push((first_version + i as u64) as i64);
-            rows.event_id.push(if cmd.client_event_ids {
-                e.event_id
-            } else {
-                ids.id(seq)
-            });
-            rows.event_type.push(&e.event_type);
-            rows.content_type.push(&e.content_type);
-            match &e.payload {
-                Payload::Json(s) => {
-                    rows.data.push(Some(JsonRef(s)));
-                    rows.data_bytes.push(None);
+        for (part, po) in cmd.parts.iter().zip(&o.parts) {
+            let first_version = po.version + 1 - part.events.len() as u64;
+            let pk = i64::from(partition_key(&part.stream_id));
+            for (i, e) in part.events.iter().enumerate() {
+                let seq = po.first_sequence + i as u64;
+                rows.seq.push(seq as i64);
+                rows.stream_id.push(&part.stream_id);
+                rows.version.push((first_version + i as u64) as i64);
+                rows.event_id.push(if cmd.client_event_ids {
+                    e.event_id
+                } else {
+                    ids.id(seq)
+                });
+                rows.event_type.push(&e.event_type);
+                rows.content_type.push(&e.content_type);
+                match &e.payload {
+                    Payload::Json(s) => {
+                        rows.data.push(Some(JsonRef(s)));
+                        rows.data_bytes.push(None);
+                    }
+                    Payload::Bytes(b) => {
+                        rows.data.push(None);
+                        rows.data_bytes.push(Some(b));
+                    }
                 }
-                Payload::Bytes(b) => {
-                    rows.data.push(None);
-                    rows.data_bytes.push(Some(b));
-                }
+                rows.metadata.push(e.metadata.as_deref().map(JsonRef));
+                rows.created_at.push(e.timestamp);
+                rows.partition_key.push(pk);
+                rows.tags.push(e.tags.as_deref());
             }
-            rows.metadata.push(e.metadata.as_deref().map(JsonRef));
-            rows.created_at.push(e.timestamp);
-            rows.partition_key.push(pk);
-            rows.tags.push(e.tags.as_deref());
-        }
-        match upserted.get(cmd.stream_id.as_str()) {
-            Some(&i) => rows.upsert_version[i] = o.version as i64,
-            None => {
-                upserted.insert(&cmd.stream_id, rows.upsert_stream.len());
-                rows.upsert_stream.push(&cmd.stream_id);
-                rows.upsert_version.push(o.version as i64);
+            match upserted.get(part.stream_id.as_str()) {
+                Some(&i) => rows.upsert_version[i] = po.version as i64,
+                None => {
+                    upserted.insert(&part.stream_id, rows.upsert_stream.len());
+                    rows.upsert_stream.push(&part.stream_id);
+                    rows.upsert_version.push(po.version as i64);
+                }
             }
         }
         if let Some(key) = cmd.idempotency_key.as_deref() {
             keys.key.push(key);
-            keys.stream_id.push(&cmd.stream_id);
-            keys.version.push(o.version as i64);
-            keys.first.push(o.first_sequence as i64);
-            keys.last.push(o.last_sequence as i64);
+            keys.stream_id.push(Keyed::stream_column(cmd, o));
+            keys.version.push(o.version() as i64);
+            keys.first.push(o.first_sequence() as i64);
+            keys.last.push(o.last_sequence() as i64);
         }
     }
     (rows, keys)
@@ -324,11 +402,13 @@ impl Plan<'_> {
 }
 
 /// Phase 2 in memory: checks each append in order against the snapshot and its batch-mates.
+/// An append to several streams is checked whole before any of it counts: one part failing
+/// fails the append, and its batch-mates see none of it.
 pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: AssignedIds) -> Plan<'a> {
     let mut results = Vec::with_capacity(cmds.len());
     let mut streams: HashMap<&str, (u64, StreamState)> = HashMap::new();
     let mut batch_ids: HashMap<Uuid, Stored> = HashMap::new();
-    let mut batch_keys: HashMap<&str, AppendOutcomeWithStream> = HashMap::new();
+    let mut batch_keys: HashMap<&str, Keyed> = HashMap::new();
     let mut touched: Vec<&str> = Vec::new();
     let mut next_seq = snap.head + 1;
     // The events planned so far (sequence, type, tags), kept only when a condition may need them.
@@ -340,15 +420,15 @@ pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: Assigne
         if let Some(key) = cmd.idempotency_key.as_deref() {
             let prior = batch_keys.get(key).or_else(|| snap.keys.get(key));
             if let Some(prior) = prior {
-                results.push(if prior.stream_id == cmd.stream_id {
+                results.push(if cmd.writes(prior.streams.iter().map(String::as_str)) {
                     Ok(AppendOutcome {
                         duplicate: true,
-                        ..prior.outcome
+                        ..prior.outcome.clone()
                     })
                 } else {
                     Err(Error::IdempotencyKeyConflict {
                         key: key.to_owned(),
-                        stream_id: prior.stream_id.clone(),
+                        streams: prior.streams.clone(),
                     })
                 });
                 continue;
@@ -364,14 +444,22 @@ pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: Assigne
         // An id of this store's own form that no stored event has would be given again to the
         // event at its sequence.
         if cmd.client_event_ids
-            && let Some((i, e)) = cmd
-                .events
-                .iter()
-                .enumerate()
-                .find(|(_, e)| ids.seq(&e.event_id).is_some())
+            && let Some((field, e)) = cmd.parts.iter().enumerate().find_map(|(p, part)| {
+                let (i, e) = part
+                    .events
+                    .iter()
+                    .enumerate()
+                    .find(|(_, e)| ids.seq(&e.event_id).is_some())?;
+                let field = if cmd.parts.len() == 1 {
+                    format!("events[{i}].event_id")
+                } else {
+                    format!("parts[{p}].events[{i}].event_id")
+                };
+                Some((field, e))
+            })
         {
             results.push(Err(Error::invalid(
-                format!("events[{i}].event_id"),
+                field,
                 format!(
                     "{} is of the form this store gives the events it assigns ids to, \
                      and no stored event has it",
@@ -380,26 +468,32 @@ pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: Assigne
             )));
             continue;
         }
-        let (version, state) = *streams.entry(cmd.stream_id.as_str()).or_insert_with(|| {
-            snap.streams
-                .get(cmd.stream_id.as_str())
-                .copied()
-                .unwrap_or((0, StreamState::Active))
+        // Every part's stream, as the appends before this one leave it.
+        let check = cmd.parts.iter().find_map(|part| {
+            let (version, state) = *streams.entry(part.stream_id.as_str()).or_insert_with(|| {
+                snap.streams
+                    .get(part.stream_id.as_str())
+                    .copied()
+                    .unwrap_or((0, StreamState::Active))
+            });
+            if state != StreamState::Active {
+                Some(Error::StreamState {
+                    stream_id: part.stream_id.clone(),
+                    state,
+                    operation: "append",
+                })
+            } else if !part.expected.admits(version) {
+                Some(Error::WrongExpectedVersion {
+                    stream_id: part.stream_id.clone(),
+                    expected: part.expected,
+                    actual: version,
+                })
+            } else {
+                None
+            }
         });
-        if state != StreamState::Active {
-            results.push(Err(Error::StreamState {
-                stream_id: cmd.stream_id.clone(),
-                state,
-                operation: "append",
-            }));
-            continue;
-        }
-        if !cmd.expected.admits(version) {
-            results.push(Err(Error::WrongExpectedVersion {
-                stream_id: cmd.stream_id.clone(),
-                expected: cmd.expected,
-                actual: version,
-            }));
+        if let Some(e) = check {
+            results.push(Err(e));
             continue;
         }
         if let Some(c) = &cmd.condition {
@@ -421,43 +515,50 @@ pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: Assigne
                 continue;
             }
         }
-        let first = next_seq;
-        let n = cmd.events.len() as u64;
-        if conditional {
-            for (i, e) in cmd.events.iter().enumerate() {
-                planned.push((first + i as u64, &e.event_type, e.tags.as_deref()));
+        let mut parts = Vec::with_capacity(cmd.parts.len());
+        for part in &cmd.parts {
+            let (version, state) = streams[part.stream_id.as_str()];
+            let first = next_seq;
+            let n = part.events.len() as u64;
+            if conditional {
+                for (i, e) in part.events.iter().enumerate() {
+                    planned.push((first + i as u64, &e.event_type, e.tags.as_deref()));
+                }
             }
-        }
-        if cmd.client_event_ids {
-            for (i, e) in cmd.events.iter().enumerate() {
-                batch_ids.insert(
-                    e.event_id,
-                    Stored {
-                        stream_id: cmd.stream_id.clone(),
-                        version: version + 1 + i as u64,
-                        seq: first + i as u64,
-                    },
-                );
+            if cmd.client_event_ids {
+                for (i, e) in part.events.iter().enumerate() {
+                    batch_ids.insert(
+                        e.event_id,
+                        Stored {
+                            stream_id: part.stream_id.clone(),
+                            version: version + 1 + i as u64,
+                            seq: first + i as u64,
+                        },
+                    );
+                }
             }
-        }
-        next_seq += n;
-        let new_version = version + n;
-        streams.insert(cmd.stream_id.as_str(), (new_version, state));
-        if !touched.contains(&cmd.stream_id.as_str()) {
-            touched.push(cmd.stream_id.as_str());
+            next_seq += n;
+            let new_version = version + n;
+            streams.insert(part.stream_id.as_str(), (new_version, state));
+            if !touched.contains(&part.stream_id.as_str()) {
+                touched.push(part.stream_id.as_str());
+            }
+            parts.push(PartOutcome {
+                version: new_version,
+                first_sequence: first,
+                last_sequence: next_seq - 1,
+            });
         }
         let outcome = AppendOutcome {
-            version: new_version,
-            first_sequence: first,
-            last_sequence: next_seq - 1,
+            parts,
             duplicate: false,
         };
         if let Some(key) = cmd.idempotency_key.as_deref() {
             batch_keys.insert(
                 key,
-                AppendOutcomeWithStream {
-                    stream_id: cmd.stream_id.clone(),
-                    outcome,
+                Keyed {
+                    streams: cmd.parts.iter().map(|p| p.stream_id.clone()).collect(),
+                    outcome: outcome.clone(),
                 },
             );
         }
@@ -472,40 +573,60 @@ pub(super) fn plan<'a>(cmds: &[&'a AppendCommand], snap: &Snapshot, ids: Assigne
 }
 
 /// Whether an append whose client event ids are (partly) stored already is a retry of a committed
-/// append (then its original result), a conflict, or new (`None`).
+/// append (then its original result), a conflict, or new (`None`). A retry has every event where
+/// the append would have put it: each part's events in its stream at consecutive versions, and
+/// all of them at consecutive sequences.
 pub(super) fn retry_by_event_ids(
     cmd: &AppendCommand,
     stored: &HashMap<Uuid, Stored>,
     batch: &HashMap<Uuid, Stored>,
 ) -> Option<Result<AppendOutcome>> {
     let found: Vec<Option<&Stored>> = cmd
-        .events
-        .iter()
+        .events()
         .map(|e| batch.get(&e.event_id).or_else(|| stored.get(&e.event_id)))
         .collect();
     let first_found = found.iter().position(Option::is_some)?;
-    let all_found = found.iter().all(Option::is_some);
-    if all_found {
-        let first = found[0].expect("all found");
-        let same_append = found.iter().enumerate().all(|(i, s)| {
-            let s = s.expect("all found");
-            s.stream_id == cmd.stream_id
-                && s.version == first.version + i as u64
-                && s.seq == first.seq + i as u64
-        });
-        if same_append {
-            let last = found[found.len() - 1].expect("all found");
+    if let Some(Some(first)) = found.first()
+        && found.iter().all(Option::is_some)
+    {
+        let mut at = 0;
+        let mut parts = Vec::with_capacity(cmd.parts.len());
+        for part in &cmd.parts {
+            let mine = &found[at..at + part.events.len()];
+            let (Some(Some(p0)), Some(Some(pn))) = (mine.first(), mine.last()) else {
+                break;
+            };
+            let in_place = mine.iter().enumerate().all(|(i, s)| {
+                let s = s.expect("all found");
+                s.stream_id == part.stream_id
+                    && s.version == p0.version + i as u64
+                    && s.seq == first.seq + (at + i) as u64
+            });
+            if !in_place {
+                break;
+            }
+            parts.push(PartOutcome {
+                version: pn.version,
+                first_sequence: p0.seq,
+                last_sequence: pn.seq,
+            });
+            at += part.events.len();
+        }
+        if parts.len() == cmd.parts.len() {
             return Some(Ok(AppendOutcome {
-                version: last.version,
-                first_sequence: first.seq,
-                last_sequence: last.seq,
+                parts,
                 duplicate: true,
             }));
         }
     }
     let s = found[first_found].expect("position found it");
+    let event_id = cmd
+        .events()
+        .nth(first_found)
+        .expect("found among the events")
+        .event_id;
     Some(Err(Error::EventIdConflict {
-        event_id: cmd.events[first_found].event_id,
+        event_id,
         stream_id: s.stream_id.clone(),
         version: s.version,
     }))
@@ -537,28 +658,52 @@ impl Check {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ExpectedVersion, NewEvent};
+    use crate::store::{ExpectedVersion, NewEvent, StreamAppend};
 
     const IDS: AssignedIds = AssignedIds::new(0x1234_5678_9abc);
 
+    fn events(n: usize) -> Vec<NewEvent> {
+        (0..n)
+            .map(|_| NewEvent {
+                event_id: Uuid::new_v4(),
+                event_type: "t".into(),
+                content_type: "application/json".into(),
+                payload: Payload::Json("{}".into()),
+                metadata: None,
+                timestamp: None,
+                tags: None,
+            })
+            .collect()
+    }
+
     fn cmd(stream: &str, expected: ExpectedVersion, n: usize) -> AppendCommand {
+        AppendCommand::one(stream.into(), expected, events(n))
+    }
+
+    /// An append to several streams: (stream, expected, events).
+    fn multi(parts: &[(&str, ExpectedVersion, usize)]) -> AppendCommand {
         AppendCommand {
-            stream_id: stream.into(),
-            expected,
-            events: (0..n)
-                .map(|_| NewEvent {
-                    event_id: Uuid::new_v4(),
-                    event_type: "t".into(),
-                    content_type: "application/json".into(),
-                    payload: Payload::Json("{}".into()),
-                    metadata: None,
-                    timestamp: None,
-                    tags: None,
+            parts: parts
+                .iter()
+                .map(|(s, e, n)| StreamAppend {
+                    stream_id: (*s).into(),
+                    expected: *e,
+                    events: events(*n),
                 })
                 .collect(),
-            client_event_ids: false,
-            idempotency_key: None,
-            condition: None,
+            ..cmd("unused", ExpectedVersion::Any, 1)
+        }
+    }
+
+    /// The outcome of a one-stream append.
+    fn one(version: u64, first: u64, last: u64, duplicate: bool) -> AppendOutcome {
+        AppendOutcome {
+            parts: vec![PartOutcome {
+                version,
+                first_sequence: first,
+                last_sequence: last,
+            }],
+            duplicate,
         }
     }
 
@@ -570,7 +715,7 @@ mod tests {
         };
         let tagged = |stream: &str, tags: &str, after: u64| {
             let mut c = cmd(stream, ExpectedVersion::Any, 1);
-            c.events[0].tags = Some(tags.into());
+            c.parts[0].events[0].tags = Some(tags.into());
             c.condition = Some(AppendCondition {
                 query: Query {
                     items: vec![QueryItem {
@@ -596,13 +741,7 @@ mod tests {
                 after_sequence: 10
             })
         ));
-        assert!(matches!(
-            p.results[3],
-            Ok(AppendOutcome {
-                first_sequence: 13,
-                ..
-            })
-        ));
+        assert_eq!(p.results[3].as_ref().unwrap().first_sequence(), 13);
         // A conflict found in the database wins (it precedes the batch).
         let mut snap = empty(10, &[]);
         snap.conflicts.insert(0, 7);
@@ -643,25 +782,155 @@ mod tests {
         assert_eq!(rows.upsert_version, vec![5, 1]);
         assert_eq!(rows.seq, vec![11, 12, 13, 14]);
         assert_eq!(rows.version, vec![3, 4, 5, 1]);
-        assert!(matches!(
-            results[0],
-            Ok(AppendOutcome {
-                version: 4,
-                first_sequence: 11,
-                last_sequence: 12,
-                ..
-            })
-        ));
+        assert_eq!(results[0].as_ref().unwrap(), &one(4, 11, 12, false));
         assert!(matches!(
             results[1],
             Err(Error::WrongExpectedVersion { actual: 4, .. })
         ));
-        assert!(matches!(results[2], Ok(AppendOutcome { version: 5, .. })));
+        assert_eq!(results[2].as_ref().unwrap().version(), 5);
+        assert_eq!(results[3].as_ref().unwrap(), &one(1, 14, 14, false));
+    }
+
+    #[test]
+    fn an_append_to_several_streams_is_all_or_nothing_and_its_batch_mates_see_it_whole() {
+        let snap = empty(
+            10,
+            &[("a", 2, StreamState::Active), ("b", 1, StreamState::Active)],
+        );
+        let exact = ExpectedVersion::Exact;
+        // b is at 1, not 0: the whole append fails, a is untouched.
+        let bad = multi(&[("a", exact(2), 1), ("b", exact(0), 1)]);
+        // Sees a at 2: the failed append left nothing behind.
+        let good = multi(&[("a", exact(2), 2), ("c", ExpectedVersion::NoStream, 1)]);
+        // Sees a at 4 and c at 1: the append before it counted whole.
+        let after = multi(&[("c", exact(1), 1), ("a", exact(4), 1)]);
+        let cmds = [&bad, &good, &after];
+        let p = plan(&cmds, &snap, IDS);
         assert!(matches!(
-            results[3],
-            Ok(AppendOutcome {
-                version: 1,
-                first_sequence: 14,
+            &p.results[0],
+            Err(Error::WrongExpectedVersion { stream_id, actual: 1, .. }) if stream_id == "b"
+        ));
+        let part = |version, first_sequence, last_sequence| PartOutcome {
+            version,
+            first_sequence,
+            last_sequence,
+        };
+        assert_eq!(
+            p.results[1].as_ref().unwrap().parts,
+            vec![part(4, 11, 12), part(1, 13, 13)]
+        );
+        assert_eq!(
+            p.results[2].as_ref().unwrap().parts,
+            vec![part(2, 14, 14), part(5, 15, 15)]
+        );
+        assert_eq!(p.new_head, 15);
+        assert!(!p.clean(), "a failed append goes the reading way");
+        let (rows, _) = lay_out(&cmds, &p.results, IDS);
+        assert_eq!(rows.seq, vec![11, 12, 13, 14, 15]);
+        assert_eq!(rows.stream_id, vec!["a", "a", "c", "c", "a"]);
+        assert_eq!(rows.version, vec![3, 4, 1, 2, 5]);
+        assert_eq!(rows.upsert_stream, vec!["a", "c"]);
+        assert_eq!(rows.upsert_version, vec![5, 2]);
+    }
+
+    #[test]
+    fn a_key_records_every_stream_of_an_append_and_its_retry_gets_them_back() {
+        let mut first = multi(&[
+            ("a", ExpectedVersion::Any, 2),
+            ("b", ExpectedVersion::Any, 1),
+        ]);
+        first.idempotency_key = Some("k".into());
+        let p = plan(&[&first], &empty(10, &[]), IDS);
+        let outcome = p.results[0].as_ref().unwrap().clone();
+        let (_, keys) = lay_out(&[&first], &p.results, IDS);
+        assert_eq!((keys.version[0], keys.first[0], keys.last[0]), (1, 11, 13));
+        let back = Keyed::from_row(keys.stream_id[0].to_string(), 1, 11, 13).unwrap();
+        assert_eq!(back.streams, vec!["a", "b"]);
+        assert_eq!(back.outcome.parts, outcome.parts);
+        // A one-stream append's row is the stream id alone, as before.
+        let single = keyed("a", "k1");
+        let p1 = plan(&[&single], &empty(10, &[]), IDS);
+        let (_, keys1) = lay_out(&[&single], &p1.results, IDS);
+        assert_eq!(keys1.stream_id[0], "a");
+
+        let mut snap = empty(13, &[]);
+        snap.keys.insert("k".into(), back);
+        let mut retry = first.clone();
+        retry.parts[0].expected = ExpectedVersion::NoStream; // a retry is not checked again
+        let other = keyed("a", "k");
+        let p = plan(&[&retry, &other], &snap, IDS);
+        assert_eq!(
+            p.results[0].as_ref().unwrap(),
+            &AppendOutcome {
+                duplicate: true,
+                ..outcome
+            }
+        );
+        assert!(matches!(
+            &p.results[1],
+            Err(Error::IdempotencyKeyConflict { streams, .. }) if streams == &["a", "b"]
+        ));
+        assert_eq!(p.new_head, 13, "nothing written");
+    }
+
+    #[test]
+    fn client_event_ids_retry_an_append_to_several_streams_only_where_it_put_them() {
+        let mut original = multi(&[
+            ("a", ExpectedVersion::Any, 2),
+            ("b", ExpectedVersion::Any, 1),
+        ]);
+        original.client_event_ids = true;
+        let mut snap = empty(20, &[]);
+        let at = [("a", 5, 11), ("a", 6, 12), ("b", 1, 13)];
+        for (e, (stream, version, seq)) in original.events().zip(at) {
+            snap.event_ids.insert(
+                e.event_id,
+                Stored {
+                    stream_id: stream.into(),
+                    version,
+                    seq,
+                },
+            );
+        }
+        let mut swapped = original.clone();
+        swapped.parts.reverse();
+        let p = plan(&[&original, &swapped], &snap, IDS);
+        let o = p.results[0].as_ref().unwrap();
+        assert!(o.duplicate);
+        assert_eq!((o.parts[0].version, o.parts[1].version), (6, 1));
+        assert_eq!((o.first_sequence(), o.last_sequence()), (11, 13));
+        assert!(matches!(p.results[1], Err(Error::EventIdConflict { .. })));
+    }
+
+    #[test]
+    fn the_condition_of_an_append_to_several_streams_ignores_its_own_events() {
+        use crate::store::{
+            AppendCondition,
+            query::{Query, QueryItem},
+        };
+        let mut c = multi(&[
+            ("a", ExpectedVersion::Any, 1),
+            ("b", ExpectedVersion::Any, 1),
+        ]);
+        for p in &mut c.parts {
+            p.events[0].tags = Some("seat:1".into());
+        }
+        c.condition = Some(AppendCondition {
+            query: Query {
+                items: vec![QueryItem {
+                    types: vec![],
+                    tags: vec!["seat:1".into()],
+                }],
+            },
+            after: 10,
+        });
+        let again = c.clone();
+        let p = plan(&[&c, &again], &empty(10, &[]), IDS);
+        assert!(p.results[0].is_ok());
+        assert!(matches!(
+            p.results[1],
+            Err(Error::AppendConditionFailed {
+                first_conflicting_sequence: 11,
                 ..
             })
         ));
@@ -691,17 +960,12 @@ mod tests {
     #[test]
     fn a_key_seen_before_or_earlier_in_the_batch_is_a_retry_and_writes_nothing() {
         let mut snap = empty(5, &[("a", 1, StreamState::Active)]);
-        let stored = AppendOutcome {
-            version: 1,
-            first_sequence: 3,
-            last_sequence: 3,
-            duplicate: true,
-        };
+        let stored = one(1, 3, 3, true);
         snap.keys.insert(
             "k-old".into(),
-            AppendOutcomeWithStream {
-                stream_id: "a".into(),
-                outcome: stored,
+            Keyed {
+                streams: vec!["a".into()],
+                outcome: stored.clone(),
             },
         );
         let (old, new1, new2, other) = (
@@ -713,10 +977,13 @@ mod tests {
         let cmds = [&old, &new1, &new2, &other];
         let p = plan(&cmds, &snap, IDS);
         assert_eq!(p.results[0].as_ref().unwrap(), &stored);
-        let first = *p.results[1].as_ref().unwrap();
-        assert!(!first.duplicate && first.first_sequence == 6);
+        let first = p.results[1].as_ref().unwrap();
+        assert!(!first.duplicate && first.first_sequence() == 6);
         let again = p.results[2].as_ref().unwrap();
-        assert!(again.duplicate && again.first_sequence == 6, "same answer");
+        assert!(
+            again.duplicate && again.first_sequence() == 6,
+            "same answer"
+        );
         assert!(matches!(
             p.results[3],
             Err(Error::IdempotencyKeyConflict { .. })
@@ -733,7 +1000,7 @@ mod tests {
         let mut original = cmd("a", ExpectedVersion::Any, 2);
         original.client_event_ids = true;
         let mut snap = empty(10, &[("a", 2, StreamState::Active)]);
-        for (i, e) in original.events.iter().enumerate() {
+        for (i, e) in original.events().enumerate() {
             snap.event_ids.insert(
                 e.event_id,
                 Stored {
@@ -745,20 +1012,12 @@ mod tests {
         }
         let mut partial = cmd("a", ExpectedVersion::Any, 2);
         partial.client_event_ids = true;
-        partial.events[0].event_id = original.events[1].event_id;
+        partial.parts[0].events[0].event_id = original.parts[0].events[1].event_id;
         let mut elsewhere = original.clone();
-        elsewhere.stream_id = "b".into();
+        elsewhere.parts[0].stream_id = "b".into();
         let cmds = [&original, &partial, &elsewhere];
         let p = plan(&cmds, &snap, IDS);
-        assert_eq!(
-            p.results[0].as_ref().unwrap(),
-            &AppendOutcome {
-                version: 2,
-                first_sequence: 7,
-                last_sequence: 8,
-                duplicate: true
-            }
-        );
+        assert_eq!(p.results[0].as_ref().unwrap(), &one(2, 7, 8, true));
         assert!(matches!(
             p.results[1],
             Err(Error::EventIdConflict { version: 2, .. })
@@ -771,7 +1030,7 @@ mod tests {
     fn an_id_of_the_stores_own_form_that_no_event_has_is_refused() {
         let mut c = cmd("a", ExpectedVersion::Any, 1);
         c.client_event_ids = true;
-        c.events[0].event_id = IDS.id(99);
+        c.parts[0].events[0].event_id = IDS.id(99);
         let p = plan(&[&c], &empty(10, &[]), IDS);
         assert!(matches!(p.results[0], Err(Error::InvalidArgument { .. })));
     }
@@ -818,22 +1077,8 @@ mod tests {
             p.results[3],
             Err(Error::WrongExpectedVersion { actual: 0, .. })
         ));
-        assert!(matches!(
-            p.results[4],
-            Ok(AppendOutcome {
-                version: 4,
-                first_sequence: 4,
-                ..
-            })
-        ));
-        assert!(matches!(
-            p.results[5],
-            Ok(AppendOutcome {
-                version: 1,
-                first_sequence: 5,
-                ..
-            })
-        ));
+        assert_eq!(p.results[4].as_ref().unwrap(), &one(4, 4, 4, false));
+        assert_eq!(p.results[5].as_ref().unwrap(), &one(1, 5, 5, false));
         assert_eq!(p.streams, vec![("live", 4), ("new", 1)]);
     }
 

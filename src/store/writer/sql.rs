@@ -8,7 +8,7 @@ use postgres_types::ToSql;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use super::plan::{AppendOutcomeWithStream, Check, Keys, Rows, Snapshot, Stored};
+use super::plan::{Check, Keyed, Keys, Rows, Snapshot, Stored};
 use crate::error::{Error, Result};
 use crate::store::{
     AppendCommand, AppendOutcome, StreamState,
@@ -130,13 +130,17 @@ pub(super) async fn read_under_lock(
     let keys_stmt = conn.stmt(FIND_KEYS).await?;
     let conflicts_stmt = conn.stmt(FIND_CONFLICTS).await?;
 
-    let mut stream_ids: Vec<&str> = cmds.iter().map(|c| c.stream_id.as_str()).collect();
+    let mut stream_ids: Vec<&str> = cmds
+        .iter()
+        .flat_map(|c| &c.parts)
+        .map(|p| p.stream_id.as_str())
+        .collect();
     stream_ids.sort_unstable();
     stream_ids.dedup();
     let event_ids: Vec<Uuid> = cmds
         .iter()
         .filter(|c| c.client_event_ids)
-        .flat_map(|c| c.events.iter().map(|e| e.event_id))
+        .flat_map(|c| c.events().map(|e| e.event_id))
         .collect();
     let keys: Vec<&str> = cmds
         .iter()
@@ -228,23 +232,31 @@ pub(super) async fn read_under_lock(
             )
         })
         .collect();
-    let keys = key_rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<_, String>(0),
-                AppendOutcomeWithStream {
-                    stream_id: r.get(1),
-                    outcome: AppendOutcome {
-                        version: r.get::<_, i64>(2) as u64,
-                        first_sequence: r.get::<_, i64>(3) as u64,
-                        last_sequence: r.get::<_, i64>(4) as u64,
-                        duplicate: true,
+    let mut keys = HashMap::with_capacity(key_rows.len());
+    for r in key_rows {
+        let key: String = r.get(0);
+        let stream: String = r.get(1);
+        let (version, first, last) = (r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(4));
+        match Keyed::from_row(stream, version as u64, first as u64, last as u64) {
+            Some(k) => {
+                keys.insert(key, k);
+            }
+            None => {
+                // Written by a later release in a form this one cannot read: treat the key
+                // as used by another append rather than write again.
+                keys.insert(
+                    key,
+                    Keyed {
+                        streams: Vec::new(),
+                        outcome: AppendOutcome {
+                            parts: Vec::new(),
+                            duplicate: true,
+                        },
                     },
-                },
-            )
-        })
-        .collect();
+                );
+            }
+        }
+    }
     Ok(Snapshot {
         head: head as u64,
         streams,
