@@ -131,6 +131,9 @@ async fn one_failing_part_fails_the_call_and_nothing_is_written() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // The google.rpc.Status in the details says the same (clients such as grpcio-status check).
+    let details = <tonic_types::Status as prost::Message>::decode(err.details()).unwrap();
+    assert_eq!(details.code, Code::FailedPrecondition as i32);
     let info = err.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.reason, "WRONG_EXPECTED_VERSION");
     assert_eq!(info.metadata["stream_id"], "a");

@@ -280,21 +280,11 @@ impl EventStore for EventStoreService {
     ) -> Result<Response<proto::MultiStreamAppendResponse>, Status> {
         let cmd = validate::multi_stream_append(req.into_inner(), &self.limits)?;
         let streams: Vec<String> = cmd.parts.iter().map(|p| p.stream_id.clone()).collect();
-        let out = self.store.append(cmd).await.map_err(|e| {
-            // A part's expectation failing is a precondition of the call (as in KurrentDB's
-            // multi-stream append), where Append answers ABORTED; the details are the same.
-            let wrong_version = matches!(e, crate::error::Error::WrongExpectedVersion { .. });
-            let status = Status::from(e);
-            if wrong_version {
-                Status::with_details(
-                    tonic::Code::FailedPrecondition,
-                    status.message(),
-                    status.details().to_vec().into(),
-                )
-            } else {
-                status
-            }
-        })?;
+        let out = self
+            .store
+            .append(cmd)
+            .await
+            .map_err(status::multi_stream_append_status)?;
         Ok(Response::new(proto::MultiStreamAppendResponse {
             first_sequence: out.first_sequence(),
             last_sequence: out.last_sequence(),

@@ -13,6 +13,21 @@ pub const ERROR_DOMAIN: &str = "pgstore.v1";
 
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
+        status(err, None)
+    }
+}
+
+/// A MultiStreamAppend's error: a part's expected version failing is a precondition of the call
+/// (as in KurrentDB's multi-stream append), where Append answers ABORTED; the details are the
+/// same, and the code in them agrees with the call's.
+pub fn multi_stream_append_status(err: Error) -> Status {
+    let precondition = matches!(err, Error::WrongExpectedVersion { .. });
+    status(err, precondition.then_some(Code::FailedPrecondition))
+}
+
+/// The status for `err`, with `code` instead of its usual one if given.
+fn status(err: Error, code_override: Option<Code>) -> Status {
+    {
         let message = err.to_string();
         let info = |meta: Vec<(&str, String)>| {
             let meta: HashMap<String, String> =
@@ -133,6 +148,6 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => (Code::PermissionDenied, info(vec![])),
             Error::Internal(_) => (Code::Internal, info(vec![])),
         };
-        Status::with_error_details(code, message, details)
+        Status::with_error_details(code_override.unwrap_or(code), message, details)
     }
 }
