@@ -325,3 +325,50 @@ async fn instances_side_by_side_never_both_win() {
         assert_eq!(won, 1, "round {round}");
     }
 }
+
+#[tokio::test]
+async fn a_dcb_append_without_a_stream_goes_to_the_default_stream() {
+    let server = Server::fresh().await;
+    let mut c = server.client().await;
+    let seat = query(&[], &["seat:9"]);
+    // Tagged events alone, then a conditional append: neither names a stream.
+    let first = c
+        .append(append(
+            "",
+            None,
+            vec![tagged("SeatBooked", &tags(&["seat:9"]))],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = c
+        .append(conditional(
+            "",
+            tagged("SeatBooked", &tags(&["seat:9"])),
+            seat.clone(),
+            0,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let second = c
+        .append(conditional(
+            "",
+            json_event("Noted", "{}"),
+            seat,
+            first.last_sequence,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.version, 2, "both in one stream");
+    let (events, _) = read(&mut c, &proto::Query::default()).await;
+    assert!(events.iter().all(|e| e.stream_id == "$dcb"), "{events:?}");
+    assert_eq!(events.len(), 2);
+    // Without a condition or tags, a stream is still required.
+    let err = c
+        .append(append("", None, vec![json_event("E", "{}")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -19,6 +19,9 @@ use crate::store::{
     is_json_content_type,
 };
 
+/// The stream of an Append that names none but carries a condition or tagged events.
+pub const DCB_STREAM: &str = "$dcb";
+
 /// The content type used when an event names none.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 /// Longest content type, in bytes.
@@ -232,8 +235,15 @@ pub fn retention(r: &proto::SetStreamMetadataRequest) -> Result<Retention> {
 }
 
 /// An AppendRequest, validated into a command.
-pub fn append(req: proto::AppendRequest, limits: &Limits) -> Result<AppendCommand> {
+pub fn append(mut req: proto::AppendRequest, limits: &Limits) -> Result<AppendCommand> {
     use proto::append_request::ExpectedVersion as Ev;
+    // A Dynamic Consistency Boundary append (a condition, or tagged events) need not name a
+    // stream: its events go to the default one.
+    if req.stream_id.is_empty()
+        && (req.condition.is_some() || req.events.iter().any(|e| !e.tags.is_empty()))
+    {
+        req.stream_id = DCB_STREAM.to_owned();
+    }
     name("stream_id", &req.stream_id, limits.max_stream_id_bytes)?;
     let expected = expected_version(
         "expected_version",
