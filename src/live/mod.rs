@@ -37,6 +37,8 @@ pub struct Hub {
     /// The highest committed global sequence this instance knows of. Latest value wins: a
     /// subscriber that misses intermediate values still reads from its own position.
     head: tokio_watch::Sender<u64>,
+    /// The same head, read without the watch's lock (subscribers read it on every wake-up).
+    head_now: std::sync::atomic::AtomicU64,
     /// Projection changes; receivers that fall behind get `Lagged`.
     changes: broadcast::Sender<Change>,
     /// Bumped after every (re)connection of the listener, so every subscriber re-reads.
@@ -79,6 +81,7 @@ impl Hub {
             tail: tail::Tail::new(tail_capacity),
             subscriber_arrived: tokio::sync::Notify::new(),
             head: tokio_watch::channel(0).0,
+            head_now: std::sync::atomic::AtomicU64::new(0),
             changes: broadcast::channel(change_capacity.max(1)).0,
             epoch: tokio_watch::channel(0).0,
             lock_releases: broadcast::channel(1024).0,
@@ -103,6 +106,8 @@ impl Hub {
         self.head.send_if_modified(|h| {
             if head > *h {
                 *h = head;
+                self.head_now
+                    .store(head, std::sync::atomic::Ordering::Release);
                 true
             } else {
                 false
@@ -110,14 +115,9 @@ impl Hub {
         });
     }
 
-    /// The end of the range the shared tail covers.
-    pub fn tail_end(&self) -> u64 {
-        self.tail.end()
-    }
-
     /// The known head.
     pub fn head(&self) -> u64 {
-        *self.head.borrow()
+        self.head_now.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A receiver woken whenever the head moves.
@@ -125,7 +125,9 @@ impl Hub {
         self.head.subscribe()
     }
 
-    /// A receiver woken after every listener (re)connection.
+    /// A receiver that changes after every listener (re)connection. Whoever waits on the head
+    /// or the tail is woken then too (see `set_connected`), so a subscriber checks it with
+    /// `has_changed` instead of waiting on it as well.
     pub fn watch_epoch(&self) -> tokio_watch::Receiver<u64> {
         self.epoch.subscribe()
     }
@@ -149,6 +151,9 @@ impl Hub {
         self.metrics.listener_connected.set(i64::from(up));
         if up {
             self.epoch.send_modify(|e| *e += 1);
+            // Wake every waiter on the head or the tail, without changing either.
+            self.head.send_modify(|_| {});
+            self.tail.wake();
         }
     }
 }

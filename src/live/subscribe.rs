@@ -314,10 +314,16 @@ async fn deliver(
     tokio::pin!(cancelled);
     loop {
         // Mark the current wake-up values seen before reading, so a commit during the read wakes
-        // us again.
-        head_rx.borrow_and_update();
-        tail_rx.borrow_and_update();
-        epoch_rx.borrow_and_update();
+        // us again (without taking the watches' locks: only their versions are looked at).
+        head_rx.mark_unchanged();
+        tail_rx.mark_unchanged();
+        // A listener (re)connection (notifications may have been missed) bumps the epoch, then
+        // wakes the head's and the tail's waiters: checked after marking those, it is never
+        // missed, and nobody waits on it separately.
+        if epoch_rx.has_changed().unwrap_or(false) {
+            epoch_rx.mark_unchanged();
+            must_read = true;
+        }
         if reassign_needed && let Some((group_name, owned_rx)) = group.as_mut() {
             reassign_needed = false;
             let owned = owned_rx.borrow_and_update().clone().unwrap_or_default();
@@ -391,7 +397,6 @@ async fn deliver(
         tokio::select! {
             _ = head_moved => {}
             _ = tail_rx.changed() => {}
-            _ = epoch_rx.changed() => must_read = true,
             _ = owned_changed => reassign_needed = true,
             () = &mut timer => {
                 let now = tokio::time::Instant::now();
@@ -486,7 +491,7 @@ async fn send_events(ctx: &LiveContext, sink: &mut Sink, batch: Vec<Frame>) -> R
     if batch.is_empty() {
         return Ok(());
     }
-    let n = batch.len() as u64;
+    let n = batch.len() as i64;
     sink.send_frames(batch.into_boxed_slice()).await?;
     ctx.hub.metrics.events_delivered.inc_by(n);
     Ok(())
@@ -520,28 +525,34 @@ async fn catch_up(
         let Some(from) = pos.from() else {
             return Ok(Served::Database); // a group member owning no partition
         };
-        if let Some((events, end)) = ctx.hub.tail.slice_from(from, ctx.config.page_size as usize) {
-            let more = !events.is_empty() && end < ctx.hub.tail_end();
-            // The slice's events for this subscriber go as one batch.
-            let mut batch = Vec::new();
-            for e in &events {
-                if ownership_changed(owned) {
-                    // What was admitted so far is sent (the positions moved past it), then
-                    // nothing more before the new assignment.
-                    send_events(ctx, sink, batch)
-                        .await
-                        .map_err(ReadError::Stop)?;
-                    return Err(ReadError::Reassign);
+        // The slice's events for this subscriber go as one batch, picked under the tail's read
+        // lock (each taken event costs a reference to its shared bytes, nothing more).
+        let sliced = ctx
+            .hub
+            .tail
+            .with_slice(from, ctx.config.page_size as usize, |events| {
+                let mut batch = Vec::new();
+                for e in events {
+                    if ownership_changed(owned) {
+                        return (batch, true);
+                    }
+                    if wanted(sub, e)
+                        && let Some(partition) = admit(pos, e.seq, e.partition_key)
+                    {
+                        batch.push(Frame::event(e, partition));
+                    }
                 }
-                if wanted(sub, e)
-                    && let Some(partition) = admit(pos, e.seq, e.partition_key)
-                {
-                    batch.push(Frame::event(e, partition));
-                }
-            }
+                (batch, false)
+            });
+        if let Some(((batch, reassign), end, more)) = sliced {
+            // What was admitted is sent (the positions moved past it); after an ownership
+            // change, nothing more before the new assignment.
             send_events(ctx, sink, batch)
                 .await
                 .map_err(ReadError::Stop)?;
+            if reassign {
+                return Err(ReadError::Reassign);
+            }
             scanned_to(pos, end);
             if more {
                 continue;

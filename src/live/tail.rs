@@ -54,26 +54,40 @@ impl Tail {
         self.covered.subscribe()
     }
 
-    /// Up to `max` events from sequence `from` on, and the end of the range they were taken from
-    /// (everything in `[from, end)` not returned does not exist). `None` when the tail does not
-    /// cover `from` (it is older than the tail, or the tail is not filled yet).
-    pub fn slice_from(&self, from: u64, max: usize) -> Option<(Vec<EncodedEvent>, u64)> {
+    /// Calls `f` with up to `max` events from sequence `from` on, under one read lock (nothing is
+    /// copied unless `f` copies it), and returns what it returned with the end of the range the
+    /// events were taken from (everything in `[from, end)` not given does not exist) and whether
+    /// the tail goes on beyond that end. `None` when the tail does not cover `from` (it is older
+    /// than the tail, or the tail is not filled yet).
+    pub fn with_slice<R>(
+        &self,
+        from: u64,
+        max: usize,
+        f: impl FnOnce(&mut dyn Iterator<Item = &EncodedEvent>) -> R,
+    ) -> Option<(R, u64, bool)> {
         let inner = self.inner.read().expect("tail lock");
         if from < inner.start || inner.start == u64::MAX {
             return None;
         }
         if from >= inner.end {
-            return Some((Vec::new(), inner.end));
+            return Some((f(&mut std::iter::empty()), inner.end, false));
         }
         let first = inner.events.partition_point(|e| e.seq < from);
-        let taken: Vec<_> = inner.events.range(first..).take(max).cloned().collect();
-        let end = if first + taken.len() < inner.events.len() {
-            // Stopped at `max`: the range ends just after the last event taken.
-            taken.last().map_or(inner.end, |e| e.seq + 1)
+        let last = (first + max.max(1)).min(inner.events.len());
+        let r = f(&mut inner.events.range(first..last));
+        if last < inner.events.len() {
+            // Stopped at `max`: the range ends just after the last event given.
+            Some((r, inner.events[last - 1].seq + 1, true))
         } else {
-            inner.end
-        };
-        Some((taken, end))
+            Some((r, inner.end, false))
+        }
+    }
+
+    /// Up to `max` events from sequence `from` on (copies), and the end of the range they were
+    /// taken from; see [`Tail::with_slice`].
+    pub fn slice_from(&self, from: u64, max: usize) -> Option<(Vec<EncodedEvent>, u64)> {
+        self.with_slice(from, max, |events| events.cloned().collect())
+            .map(|(events, end, _)| (events, end))
     }
 
     /// Forgets everything: the tail covers nothing until reset.
@@ -106,6 +120,11 @@ impl Tail {
         }
         let end = self.inner.read().expect("tail lock").end;
         self.covered.send_replace(end);
+    }
+
+    /// Wakes everyone watching the tail, without changing it.
+    pub fn wake(&self) {
+        self.covered.send_modify(|_| {});
     }
 
     /// The end of the covered range.

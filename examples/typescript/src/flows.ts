@@ -123,3 +123,35 @@ export async function groupMember(client: EventStoreClient, prefix: string) {
   await call(client, client.SaveCheckpoint, { consumerId: `${group}/${got.partition}`, sequence: got.globalSequence });
   return { owned, event: got };
 }
+
+/**
+ * A transfer: debit one account and credit another in one MultiStreamAppend, each at the version
+ * the decision read; retried with its key; then a second transfer decided on the same (now stale)
+ * versions, refused as a whole.
+ */
+export async function transfer(client: EventStoreClient, prefix: string) {
+  const [from, to] = [`${prefix}account-a`, `${prefix}account-b`];
+  await call(client, client.MultiStreamAppend, {
+    parts: [
+      { streamId: from, noStream: true, events: [event('Deposited', { amount: 10 })] },
+      { streamId: to, noStream: true, events: [event('Opened', {})] },
+    ],
+  });
+  const request = {
+    idempotencyKey: `transfer-${prefix}1`,
+    parts: [
+      { streamId: from, exact: 1, events: [event('Debited', { amount: 4 })] },
+      { streamId: to, exact: 1, events: [event('Credited', { amount: 4 })] },
+    ],
+  };
+  const moved = await call(client, client.MultiStreamAppend, request);
+  const retried = await call(client, client.MultiStreamAppend, request);
+  let refused: { code: number; info?: ErrorInfo } | undefined;
+  try {
+    await call(client, client.MultiStreamAppend, { ...request, idempotencyKey: '' });
+  } catch (e) {
+    const err = e as grpc.ServiceError;
+    refused = { code: err.code, info: errorInfo(err) };
+  }
+  return { from, moved, retried, refused };
+}

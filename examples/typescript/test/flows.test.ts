@@ -59,3 +59,14 @@ test('a consumer-group member gets partitions and their events', async () => {
 });
 
 test.after(() => client.close());
+
+test('a transfer writes both accounts or neither', async () => {
+  const { from, moved, retried, refused } = await flows.transfer(client, `ts-${randomUUID().slice(0, 8)}-`);
+  assert.deepEqual(moved.parts.map((p) => p.version), ['2', '2']);
+  assert.equal(BigInt(moved.lastSequence), BigInt(moved.firstSequence) + 1n);
+  assert.equal(retried.duplicate, true);
+  assert.deepEqual(retried.parts, moved.parts);
+  assert.equal(refused?.code, status.FAILED_PRECONDITION);
+  assert.equal(refused?.info?.reason, 'WRONG_EXPECTED_VERSION');
+  assert.equal(refused?.info?.metadata.stream_id, from);
+});
