@@ -110,6 +110,23 @@ async fn acknowledged_appends_survive_a_sigkill_and_none_is_half_written() {
     child.wait().unwrap();
 }
 
+/// The events as one MultiStreamAppend over three streams named after `stream`.
+fn spread(stream: &str, events: Vec<proto::EventData>) -> proto::MultiStreamAppendRequest {
+    let third = events.len().div_ceil(3);
+    proto::MultiStreamAppendRequest {
+        parts: events
+            .chunks(third)
+            .enumerate()
+            .map(|(i, chunk)| proto::AppendPart {
+                stream_id: format!("{stream}-{i}"),
+                expected_version: None,
+                events: chunk.to_vec(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// Ids of the appends each writer had acknowledged, and of those it tried.
 type Appends = (Vec<Vec<String>>, Vec<Vec<String>>);
 
@@ -253,7 +270,8 @@ async fn a_postgres_crash_with_batches_in_flight_loses_nothing_acknowledged() {
     let server = Server::start(config).await;
     let stop = Arc::new(AtomicBool::new(false));
 
-    // 8 writers append 20-event batches with known ids, through the crash and after it.
+    // 8 writers append 20-event batches with known ids, through the crash and after it; the odd
+    // ones as MultiStreamAppends spreading them over three streams.
     let mut writers = Vec::new();
     for w in 0..8 {
         let mut c = server.client().await;
@@ -265,11 +283,17 @@ async fn a_postgres_crash_with_batches_in_flight_loses_nothing_acknowledged() {
             while !stop.load(Ordering::SeqCst) {
                 let (events, ids) = events_with_ids(20, i);
                 attempted.push(ids.clone());
-                match c
-                    .append(append(&format!("pg-crash-{w}"), None, events))
-                    .await
-                {
-                    Ok(_) => acked.push(ids),
+                let sent = if w % 2 == 0 {
+                    c.append(append(&format!("pg-crash-{w}"), None, events))
+                        .await
+                        .map(|_| ())
+                } else {
+                    c.multi_stream_append(spread(&format!("pg-crash-{w}"), events))
+                        .await
+                        .map(|_| ())
+                };
+                match sent {
+                    Ok(()) => acked.push(ids),
                     Err(e) => {
                         assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
                         tokio::time::sleep(Duration::from_millis(20)).await;
