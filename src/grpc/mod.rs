@@ -757,3 +757,28 @@ impl EventStore for EventStoreService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_rpc_is_in_the_api_guides_table() {
+        let api = include_str!("../../proto/pgstore/v1/eventstore.proto");
+        let guide = include_str!("../../docs/api.md");
+        let rpcs: Vec<&str> = api
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| l.split('(').next().unwrap_or_default())
+            .collect();
+        assert!(rpcs.len() > 10);
+        let table: Vec<&str> = guide.lines().filter(|l| l.starts_with("| `")).collect();
+        for rpc in rpcs {
+            let name = format!("`{rpc}`");
+            assert!(
+                table
+                    .iter()
+                    .any(|row| row.split('|').nth(1).is_some_and(|c| c.contains(&name))),
+                "docs/api.md's RPC table has no row for {rpc}"
+            );
+        }
+    }
+}
