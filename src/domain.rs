@@ -192,6 +192,14 @@ pub struct AppendCondition {
     pub after: u64,
 }
 
+impl AppendCondition {
+    /// The condition as the SQL that checks it takes it (`{"after": seq, "items": [...]}`, in
+    /// the jsonb of migration 0014 and the writer's conflict search).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::json!({"after": self.after, "items": self.query.to_value()})
+    }
+}
+
 /// The result of an append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {

@@ -196,9 +196,6 @@ impl Error {
 
 /// Stream ids as a message names them: `"a"`, or `"a", "b"`.
 fn quoted(streams: &[String]) -> String {
-    if streams.is_empty() {
-        return "streams this release cannot name".into();
-    }
     streams
         .iter()
         .map(|s| format!("{s:?}"))

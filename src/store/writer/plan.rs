@@ -243,44 +243,52 @@ impl Keyed {
         Cow::Owned(s)
     }
 
-    /// A key row read back (`None` for a `stream_id` column this release cannot read).
-    pub(super) fn from_row(stream: String, version: u64, first: u64, last: u64) -> Option<Keyed> {
-        if !stream.contains(PART_SEPARATOR) {
-            return Some(Keyed {
-                outcome: AppendOutcome {
-                    parts: vec![PartOutcome {
-                        version,
-                        first_sequence: first,
-                        last_sequence: last,
-                    }],
-                    duplicate: true,
-                },
-                streams: vec![stream],
-            });
-        }
-        let mut streams = Vec::new();
-        let mut parts = Vec::new();
-        for part in stream.split(PART_SEPARATOR) {
-            let mut f = part.split(FIELD_SEPARATOR);
-            let (Some(id), Some(v), Some(a), Some(b), None) =
-                (f.next(), f.next(), f.next(), f.next(), f.next())
-            else {
-                return None;
-            };
-            streams.push(id.to_owned());
-            parts.push(PartOutcome {
-                version: v.parse().ok()?,
-                first_sequence: a.parse().ok()?,
-                last_sequence: b.parse().ok()?,
-            });
-        }
-        Some(Keyed {
-            streams,
+    /// A key row read back. A `stream_id` column this release cannot read (a later release's
+    /// form) is taken as one stream of that name: no request can name it (it holds control
+    /// characters), so the key counts as used by another append, never as a retry.
+    pub(super) fn from_row(stream: String, version: u64, first: u64, last: u64) -> Keyed {
+        let one = |stream: String| Keyed {
             outcome: AppendOutcome {
-                parts,
+                parts: vec![PartOutcome {
+                    version,
+                    first_sequence: first,
+                    last_sequence: last,
+                }],
                 duplicate: true,
             },
-        })
+            streams: vec![stream],
+        };
+        if !stream.contains(PART_SEPARATOR) {
+            return one(stream);
+        }
+        let parsed: Option<(Vec<String>, Vec<PartOutcome>)> = stream
+            .split(PART_SEPARATOR)
+            .map(|part| {
+                let mut f = part.split(FIELD_SEPARATOR);
+                let (Some(id), Some(v), Some(a), Some(b), None) =
+                    (f.next(), f.next(), f.next(), f.next(), f.next())
+                else {
+                    return None;
+                };
+                let outcome = PartOutcome {
+                    version: v.parse().ok()?,
+                    first_sequence: a.parse().ok()?,
+                    last_sequence: b.parse().ok()?,
+                };
+                Some((id.to_owned(), outcome))
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|parts| parts.into_iter().unzip());
+        match parsed {
+            Some((streams, parts)) => Keyed {
+                streams,
+                outcome: AppendOutcome {
+                    parts,
+                    duplicate: true,
+                },
+            },
+            None => one(stream),
+        }
     }
 }
 
@@ -844,7 +852,7 @@ mod tests {
         let outcome = p.results[0].as_ref().unwrap().clone();
         let (_, keys) = lay_out(&[&first], &p.results, IDS);
         assert_eq!((keys.version[0], keys.first[0], keys.last[0]), (1, 11, 13));
-        let back = Keyed::from_row(keys.stream_id[0].to_string(), 1, 11, 13).unwrap();
+        let back = Keyed::from_row(keys.stream_id[0].to_string(), 1, 11, 13);
         assert_eq!(back.streams, vec!["a", "b"]);
         assert_eq!(back.outcome.parts, outcome.parts);
         // A one-stream append's row is the stream id alone, as before.
@@ -871,6 +879,17 @@ mod tests {
             Err(Error::IdempotencyKeyConflict { streams, .. }) if streams == &["a", "b"]
         ));
         assert_eq!(p.new_head, 13, "nothing written");
+
+        // A row in a form this release cannot read names no stream a request can write: the
+        // key is taken, never a retry.
+        let unreadable = Keyed::from_row("a\u{1e}later-form".into(), 1, 11, 13);
+        let mut snap = empty(13, &[]);
+        snap.keys.insert("k".into(), unreadable);
+        let p = plan(&[&first], &snap, IDS);
+        assert!(matches!(
+            p.results[0],
+            Err(Error::IdempotencyKeyConflict { .. })
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::plan::{Check, Keyed, Keys, Rows, Snapshot, Stored};
 use crate::error::{Error, Result};
 use crate::store::{
-    AppendCommand, AppendOutcome, StreamState,
+    AppendCommand, StreamState,
     db::{self, PgConn, is_connection_error},
     ids::AssignedIds,
 };
@@ -75,7 +75,7 @@ pub(super) fn conditions_json(
         .enumerate()
         .filter(|(i, (_, r))| r.as_ref().is_ok_and(|o| !o.duplicate) && !checked.contains(i))
         .filter_map(|(_, (c, _))| c.condition.as_ref())
-        .map(|c| serde_json::json!({"after": c.after, "items": c.query.to_value()}))
+        .map(crate::store::AppendCondition::to_value)
         .collect();
     (!conditions.is_empty()).then(|| serde_json::Value::Array(conditions).to_string())
 }
@@ -147,13 +147,14 @@ pub(super) async fn read_under_lock(
         .filter_map(|c| c.idempotency_key.as_deref())
         .collect();
 
-    // A query without items matches everything: as one item without types or tags.
+    // Each condition with the index of its append in the batch.
     let conditions: Vec<serde_json::Value> = cmds
         .iter()
         .enumerate()
         .filter_map(|(i, c)| {
-            let c = c.condition.as_ref()?;
-            Some(serde_json::json!({"i": i, "after": c.after, "items": c.query.to_value()}))
+            let mut v = c.condition.as_ref()?.to_value();
+            v["i"] = i.into();
+            Some(v)
         })
         .collect();
     let conditions_json = serde_json::Value::Array(conditions).to_string();
@@ -232,31 +233,13 @@ pub(super) async fn read_under_lock(
             )
         })
         .collect();
-    let mut keys = HashMap::with_capacity(key_rows.len());
-    for r in key_rows {
-        let key: String = r.get(0);
-        let stream: String = r.get(1);
-        let (version, first, last) = (r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(4));
-        match Keyed::from_row(stream, version as u64, first as u64, last as u64) {
-            Some(k) => {
-                keys.insert(key, k);
-            }
-            None => {
-                // Written by a later release in a form this one cannot read: treat the key
-                // as used by another append rather than write again.
-                keys.insert(
-                    key,
-                    Keyed {
-                        streams: Vec::new(),
-                        outcome: AppendOutcome {
-                            parts: Vec::new(),
-                            duplicate: true,
-                        },
-                    },
-                );
-            }
-        }
-    }
+    let keys = key_rows
+        .into_iter()
+        .map(|r| {
+            let at = |i| r.get::<_, i64>(i) as u64;
+            (r.get(0), Keyed::from_row(r.get(1), at(2), at(3), at(4)))
+        })
+        .collect();
     Ok(Snapshot {
         head: head as u64,
         streams,
