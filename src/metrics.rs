@@ -461,7 +461,9 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        for hook in self.hooks.lock().expect("metrics hooks").iter() {
+        // Under the hooks' lock: two scrapes at once must not both add the same delta below.
+        let hooks = self.hooks.lock().expect("metrics hooks");
+        for hook in hooks.iter() {
             hook(self);
         }
         let delivered = self.events_delivered.get().max(0) as u64;
@@ -469,6 +471,7 @@ impl Metrics {
             .inc_by(delivered.saturating_sub(self.exported_delivered.get()));
         self.exported_buffered.set(self.buffered.get());
         self.exported_buffered_bytes.set(self.buffered_bytes.get());
+        drop(hooks);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -608,5 +611,45 @@ impl Sharded {
             .iter()
             .map(|s| s.0.load(std::sync::atomic::Ordering::Relaxed))
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sharded_counts_sum_across_threads_and_scrapes_show_them() {
+        let m = Arc::new(Metrics::new());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        m.events_delivered.inc_by(2);
+                        m.buffered.inc();
+                        // Taken off on another thread than the one that added it, as a
+                        // subscriber's queue is drained by the connection's task.
+                        if t % 2 == 0 {
+                            m.buffered.dec();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(m.events_delivered.get(), 8000);
+        assert_eq!(m.buffered.get(), 2000);
+        m.buffered.dec_by(2000);
+        let text = m.render();
+        assert!(
+            text.contains("pgstore_events_delivered_total 8000"),
+            "{text}"
+        );
+        assert!(text.contains("pgstore_subscriber_buffered 0"), "{text}");
+        // A second scrape adds nothing that was not delivered since.
+        assert!(m.render().contains("pgstore_events_delivered_total 8000"));
     }
 }

@@ -85,7 +85,8 @@ impl Tail {
 
     /// Up to `max` events from sequence `from` on (copies), and the end of the range they were
     /// taken from; see [`Tail::with_slice`].
-    pub fn slice_from(&self, from: u64, max: usize) -> Option<(Vec<EncodedEvent>, u64)> {
+    #[cfg(test)]
+    fn slice_from(&self, from: u64, max: usize) -> Option<(Vec<EncodedEvent>, u64)> {
         self.with_slice(from, max, |events| events.cloned().collect())
             .map(|(events, end, _)| (events, end))
     }
