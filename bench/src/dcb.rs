@@ -13,7 +13,7 @@ use std::sync::{
 use clap::Args;
 use pgstore::proto;
 
-use super::{Common, OpFuture, Target, drive};
+use super::{Common, OpFuture, Target, bench_event, drive};
 
 #[derive(Args, Clone)]
 pub struct DcbArgs {
@@ -29,13 +29,8 @@ pub struct DcbArgs {
 
 fn event(tag: &str) -> proto::EventData {
     proto::EventData {
-        event_type: "Booked".into(),
-        payload: Some(proto::event_data::Payload::Json(format!(
-            "\"{}\"",
-            "x".repeat(98)
-        ))),
         tags: vec![tag.to_owned()],
-        ..Default::default()
+        ..bench_event("Booked")
     }
 }
 
@@ -54,10 +49,7 @@ pub async fn dcb_scenario(a: DcbArgs) {
         a.clients, a.common.duration, a.rounds
     );
     let target = Target::new(&a.common);
-    let mut clients = Vec::new();
-    for _ in 0..a.clients {
-        clients.push(target.connect().await);
-    }
+    let clients = target.connect_many(a.clients).await;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     // Each client's last appended sequence: its next condition looks after it.
     let last: Arc<Vec<AtomicU64>> = Arc::new((0..a.clients).map(|_| AtomicU64::new(0)).collect());

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use pgstore::proto;
 
-use super::{Common, OpFuture, Target, drive, ensure_log, raw_client};
+use super::{Common, OpFuture, Target, drive, ensure_log, json_payload, raw_client};
 
 #[derive(Args, Clone)]
 pub struct FillArgs {
@@ -39,14 +39,10 @@ pub struct GrowthArgs {
     pub catch_up: u64,
 }
 
-fn payload(bytes: usize) -> String {
-    format!("\"{}\"", "x".repeat(bytes.saturating_sub(2)))
-}
-
 pub async fn fill_scenario(a: FillArgs) {
     let target = Target::new(&a.common);
     let started = Instant::now();
-    let head = ensure_log(&target, a.events, &payload(a.payload_bytes)).await;
+    let head = ensure_log(&target, a.events, &json_payload(a.payload_bytes)).await;
     println!(
         "fill: the log holds {head} events ({:.1}s)",
         started.elapsed().as_secs_f64()
@@ -72,7 +68,7 @@ pub async fn growth_scenario(a: GrowthArgs) {
         std::process::exit(2);
     };
     let target = Target::new(&a.common);
-    let body = payload(a.payload_bytes);
+    let body = json_payload(a.payload_bytes);
     let raw = raw_client(&url).await;
     let mut rows = Vec::new();
     for &size in &a.sizes {
@@ -172,10 +168,7 @@ pub async fn growth_scenario(a: GrowthArgs) {
 
 /// Appends per second and p99 (ms), `clients` clients appending 1 event each to their own stream.
 async fn append_rate(target: &Target, a: &GrowthArgs, body: &str) -> (f64, f64) {
-    let mut clients = Vec::new();
-    for _ in 0..a.clients {
-        clients.push(target.connect().await);
-    }
+    let clients = target.connect_many(a.clients).await;
     let run = uuid::Uuid::new_v4().simple().to_string();
     let stats = drive("append", a.clients, &a.common, |w: usize| {
         let client = clients[w].clone();

@@ -150,6 +150,20 @@ type OpFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), St
 type OpFactory<'a> = Box<dyn FnMut(usize) -> Box<dyn FnMut() -> OpFuture + Send> + 'a>;
 
 /// A latency histogram in microseconds, up to a minute.
+/// A JSON string of `bytes` bytes (quotes included): the payload of every benchmark event.
+fn json_payload(bytes: usize) -> String {
+    format!("\"{}\"", "x".repeat(bytes.saturating_sub(2)))
+}
+
+/// A 100-byte JSON event of type `event_type`.
+fn bench_event(event_type: &str) -> proto::EventData {
+    proto::EventData {
+        event_type: event_type.into(),
+        payload: Some(proto::event_data::Payload::Json(json_payload(100))),
+        ..Default::default()
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
 }
@@ -390,7 +404,7 @@ async fn raw_append(
 }
 
 async fn append_scenario(a: AppendArgs) {
-    let payload = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
+    let payload = json_payload(a.payload_bytes);
     let n = a.events_per_append;
     println!(
         "append: clients={} events/append={} payload={}B streams={} duration={:?} rounds={}",
@@ -420,10 +434,7 @@ async fn append_scenario(a: AppendArgs) {
 
     // pgstore.
     let target = Target::new(&a.common);
-    let mut clients = Vec::new();
-    for _ in 0..a.clients {
-        clients.push(target.connect().await);
-    }
+    let clients = target.connect_many(a.clients).await;
     let events: Vec<proto::EventData> = (0..n)
         .map(|_| proto::EventData {
             event_type: "BenchEvent".into(),
@@ -635,6 +646,15 @@ impl Target {
         EventStoreClient::with_interceptor(self.channel().await, self.token.clone())
     }
 
+    /// `n` clients, each on its own HTTP/2 connection.
+    async fn connect_many(&self, n: usize) -> Vec<Client> {
+        let mut clients = Vec::with_capacity(n);
+        for _ in 0..n {
+            clients.push(self.connect().await);
+        }
+        clients
+    }
+
     /// A health client on its own HTTP/2 connection.
     async fn health(&self) -> HealthClient {
         tonic_health::pb::health_client::HealthClient::with_interceptor(
@@ -722,7 +742,7 @@ async fn ensure_log(target: &Target, events: u64, payload: &str) -> u64 {
 }
 
 async fn read_scenario(a: ReadArgs) {
-    let payload = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
+    let payload = json_payload(a.payload_bytes);
     let target = Target::new(&a.common);
     let before = latest(&target).await;
     let head = ensure_log(&target, a.events, &payload).await;

@@ -7,7 +7,7 @@
 use clap::Args;
 use pgstore::proto;
 
-use super::{Common, OpFuture, Stats, Target, drive};
+use super::{Common, OpFuture, Stats, Target, bench_event, drive};
 
 #[derive(Args, Clone)]
 pub struct MultiArgs {
@@ -24,17 +24,6 @@ pub struct MultiArgs {
     pub rounds: u32,
 }
 
-fn event() -> proto::EventData {
-    proto::EventData {
-        event_type: "BenchEvent".into(),
-        payload: Some(proto::event_data::Payload::Json(format!(
-            "\"{}\"",
-            "x".repeat(98)
-        ))),
-        ..Default::default()
-    }
-}
-
 pub async fn multi_scenario(a: MultiArgs) {
     let k = a.streams_per_append as usize;
     println!(
@@ -42,10 +31,7 @@ pub async fn multi_scenario(a: MultiArgs) {
         a.clients, a.common.duration, a.rounds
     );
     let target = Target::new(&a.common);
-    let mut clients = Vec::new();
-    for _ in 0..a.clients {
-        clients.push(target.connect().await);
-    }
+    let clients = target.connect_many(a.clients).await;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let (mut one, mut many) = (Stats::empty(), Stats::empty());
     for _ in 0..a.rounds {
@@ -62,7 +48,7 @@ pub async fn multi_scenario(a: MultiArgs) {
                                 .map(|s| proto::AppendPart {
                                     stream_id: s.clone(),
                                     expected_version: None,
-                                    events: vec![event()],
+                                    events: vec![bench_event("BenchEvent")],
                                 })
                                 .collect(),
                             ..Default::default()
@@ -77,7 +63,7 @@ pub async fn multi_scenario(a: MultiArgs) {
                     } else {
                         let req = proto::AppendRequest {
                             stream_id: streams[0].clone(),
-                            events: (0..k).map(|_| event()).collect(),
+                            events: (0..k).map(|_| bench_event("BenchEvent")).collect(),
                             ..Default::default()
                         };
                         Box::pin(async move {
